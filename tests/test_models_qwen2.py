@@ -175,8 +175,30 @@ def test_extend_chunk_and_out_of_range_slots_are_dropped():
   got = np.asarray(qwen2.logits_from_hidden(params, TINY, jnp.concatenate([h1[0], h2[0, :3]])))
   np.testing.assert_allclose(got, full, atol=1e-5, rtol=0)
   # The dropped write did not wrap around into slot 0.
-  np.testing.assert_array_equal(np.asarray(cache2.k[:, :, 0]), np.asarray(cache.k[:, :, 0]))
-  assert cache2.k.shape == (TINY.num_layers, 1, 8, TINY.num_kv_heads, TINY.head_dim)
+  for l in range(TINY.num_layers):
+    np.testing.assert_array_equal(np.asarray(cache2.k[l][..., 0]), np.asarray(cache.k[l][..., 0]))
+    np.testing.assert_array_equal(np.asarray(cache2.v[l][:, :, 0]), np.asarray(cache.v[l][:, :, 0]))
+  assert len(cache2.k) == len(cache2.v) == TINY.num_layers
+  assert cache2.k[0].shape == (1, TINY.num_kv_heads, TINY.head_dim, 8)
+  assert cache2.v[0].shape == (1, TINY.num_kv_heads, 8, TINY.head_dim)
+
+
+def test_single_slot_write_off_the_end_changes_nothing():
+  """Decode writes one slot per row with a dynamic_update_slice, which clamps its start: a row told to write
+  at S (an idle row) must leave every slot as it was, the last one included, while the other row writes."""
+  params = random_params(TINY, seed=7)
+  cache = qwen2.init_cache(TINY, 2, 4)
+  tokens = np.random.RandomState(7).randint(0, TINY.vocab_size, (2, 4))
+  _, full = qwen2.forward_with_cache(params, TINY, jnp.asarray(tokens), cache, jnp.array([0, 0]))
+  _, after = qwen2.forward_with_cache(params, TINY, jnp.asarray([[3], [5]]), full, jnp.array([4, 2]))
+  for l in range(TINY.num_layers):
+    k0, k1 = np.asarray(full.k[l]), np.asarray(after.k[l])
+    v0, v1 = np.asarray(full.v[l]), np.asarray(after.v[l])
+    np.testing.assert_array_equal(k1[0], k0[0])  # row 0 (start = S = 4): untouched
+    np.testing.assert_array_equal(v1[0], v0[0])
+    assert not np.array_equal(k1[1, ..., 2], k0[1, ..., 2])  # row 1 rewrote slot 2 with token 5 ...
+    np.testing.assert_array_equal(np.delete(k1[1], 2, axis=-1), np.delete(k0[1], 2, axis=-1))  # ... only
+    np.testing.assert_array_equal(np.delete(v1[1], 2, axis=-2), np.delete(v0[1], 2, axis=-2))
 
 
 # ------------------------------------------------------------------------------------------------ remat

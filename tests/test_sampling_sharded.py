@@ -59,11 +59,12 @@ def test_sharded_session_multi_turn_equals_single_device(setup):
   ref_sess, ref = run(params, None)
   sess, got = run(sharded, mesh)
   assert sess.batch_size == 4 and sess.batch_size == ref_sess.batch_size
-  # The cache follows CACHE_LOGICAL_AXES: batch over (data, fsdp), kv heads over tensor.
-  spec = tuple(sess._cache.k.sharding.spec) + (None,) * 5
-  batch_axes = {spec[1]} if isinstance(spec[1], str) else set(spec[1] or ())
-  assert "fsdp" in batch_axes and batch_axes <= {"data", "fsdp"} and spec[3] == "tensor"
-  assert spec[0] is None and spec[2] is None
+  # The cache follows CACHE_K_AXES / CACHE_V_AXES: batch over (data, fsdp), kv heads over tensor.
+  for arr in sess._cache.k + sess._cache.v:
+    spec = tuple(arr.sharding.spec) + (None,) * 4
+    batch_axes = {spec[0]} if isinstance(spec[0], str) else set(spec[0] or ())
+    assert "fsdp" in batch_axes and batch_axes <= {"data", "fsdp"} and spec[1] == "tensor"
+    assert spec[2] is None and spec[3] is None
   for o1, o2 in zip(got, ref):
     assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
     for a, b in zip(o1.logprobs, o2.logprobs):

@@ -15,6 +15,10 @@ Param tree (shapes; logical axis names in brackets, mapped to mesh axes by `sear
 
 The KV cache stores keys/values at slot == position: sequences are right-padded and every slot below a
 query's position holds a real token, so the causal rule `slot <= position` is the whole attention mask.
+It is one array pair per layer (decoding unrolls the layers), keys stored transposed ([B, K, hd, S]: the
+score matmul reads slots on the minor axis) and values [B, K, S, hd]; a decode step writes each row's new
+slot with a per-row dynamic_update_slice, not a scatter. On a CPU this layout decodes ~3x faster than a
+stacked [L, B, S, K, hd] cache scanned over layers (prototype timings in the README's sampler section).
 """
 from __future__ import annotations
 
@@ -130,17 +134,33 @@ def config_from_block(block) -> Qwen2Config:
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer. k, v: [L, B, S, K, hd] in the compute dtype; slot s holds position s."""
-  k: jax.Array
-  v: jax.Array
+  """Keys and values, one array per layer, in the compute dtype; slot s holds position s.
+
+  k: L arrays [B, K, hd, S] (keys transposed); v: L arrays [B, K, S, hd].
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+
+  @property
+  def batch(self) -> int:
+    return self.v[0].shape[0]
+
+  @property
+  def length(self) -> int:
+    """Physical slots S."""
+    return self.v[0].shape[2]
 
 
 def init_cache(cfg: Qwen2Config, batch: int, max_len: int) -> KVCache:
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+  k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+  v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  return KVCache(tuple(jnp.zeros(k_shape, cfg.dtype) for _ in range(cfg.num_layers)),
+                 tuple(jnp.zeros(v_shape, cfg.dtype) for _ in range(cfg.num_layers)))
 
 
-CACHE_LOGICAL_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# Logical axes of each layer's cache arrays (see KVCache).
+CACHE_K_AXES = ("batch", "kv_heads", "head_dim", "length")
+CACHE_V_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -175,6 +195,27 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def _heads_major_queries(q, num_kv_heads, dtype):
+  """[B, T, H, hd] -> [B, K, g, T, hd] (query heads grouped under their KV head)."""
+  b, t, h, hd = q.shape
+  return q.reshape(b, t, num_kv_heads, h // num_kv_heads, hd).transpose(0, 2, 3, 1, 4).astype(dtype)
+
+
+def _attend(q, k, v, mask, k_spec: str, dtype):
+  """q [B, K, g, T, hd]; k per k_spec ('bksd' or 'bkds'); v [B, K, S, hd]; mask [B, T, S] -> [B, K, g, T, hd]."""
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  scores = jnp.einsum(f"bkgtd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+
+
+def _heads_last(out):
+  """[B, K, g, T, hd] -> [B, T, H, hd]."""
+  b, kv, g, t, hd = out.shape
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, hd)
+
+
 def attention(q, k, v, key_mask, *, dtype, causal_block: int = 0):
   """Grouped-query softmax attention. q [B, T, H, hd]; k, v [B, S, K, hd]; key_mask [B, T, S] bool -> [B, T, H, hd].
 
@@ -183,31 +224,46 @@ def attention(q, k, v, key_mask, *, dtype, causal_block: int = 0):
   many rows and each block only scores the keys up to its last row (the rest are masked anyway), which skips
   about half the attention work. Results equal the unblocked computation.
   """
-  b, t, h, hd = q.shape
-  kv = k.shape[2]
-  groups = h // kv
+  t = q.shape[1]
   # Heads-major layouts ([B, K, g, T, hd], [B, K, S, hd]) make both matmuls plain batched matmuls whose outputs
   # need no transpose, with S on the minor axis for the softmax.
-  q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 3, 1, 4).astype(dtype)
+  q = _heads_major_queries(q, k.shape[2], dtype)
   k = k.astype(dtype).transpose(0, 2, 1, 3)
   v = v.astype(dtype).transpose(0, 2, 1, 3)
-  scale = 1.0 / np.sqrt(hd)
-
-  def block(qb, mask, kb, vb):
-    scores = jnp.einsum("bkgtd,bksd->bkgts", qb, kb, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, vb)
-
   if causal_block <= 0 or causal_block >= t:
-    out = block(q, key_mask, k, v)
+    out = _attend(q, k, v, key_mask, "bksd", dtype)
   else:
     outs = []
     for start in range(0, t, causal_block):
       end = min(start + causal_block, t)
-      outs.append(block(q[:, :, :, start:end], key_mask[:, start:end, :end], k[:, :, :end], v[:, :, :end]))
+      outs.append(_attend(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], key_mask[:, start:end, :end],
+                          "bksd", dtype))
     out = jnp.concatenate(outs, axis=3)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+  return _heads_last(out)
+
+
+def _write_cache(c, x, starts, slot_axis: int):
+  """Write x (one row's T new slots on `slot_axis`, per row b) into c at slots starts[b] .. starts[b] + T - 1.
+
+  c: [B, ...] one layer's cache; x: like c with T slots. Slots past the cache end are dropped (rows that
+  take nothing pass starts = S). One slot per row (decoding) is a per-row dynamic_update_slice -- much
+  cheaper than a scatter -- that writes the old value back where the slot is out of range (dynamic slices
+  clamp their start, they never drop); several slots (prefill, extend) use a dropping scatter.
+  """
+  s = c.shape[slot_axis]
+  if x.shape[slot_axis] == 1:
+    def one_row(c_row, x_row, start):
+      idx = [0] * c_row.ndim
+      idx[slot_axis - 1] = jnp.minimum(start, s - 1)
+      old = jax.lax.dynamic_slice(c_row, idx, x_row.shape)
+      return jax.lax.dynamic_update_slice(c_row, jnp.where(start < s, x_row, old), idx)
+    return jax.vmap(one_row)(c, x.astype(c.dtype), starts)
+  t = x.shape[slot_axis]
+  rows = jnp.arange(c.shape[0])[:, None]
+  slots = starts[:, None] + jnp.arange(t)[None, :]
+  c_m = jnp.moveaxis(c, slot_axis, 1)  # [B, S, ...]
+  c_m = c_m.at[rows, slots].set(jnp.moveaxis(x, slot_axis, 1).astype(c.dtype), mode="drop")
+  return jnp.moveaxis(c_m, 1, slot_axis)
 
 
 class Attention(nn.Module):
@@ -224,8 +280,8 @@ class Attention(nn.Module):
   def __call__(self, x, positions, key_mask, cache_kv=None, write_index=None):
     """x: [B, T, D]; positions: [B, T]; key_mask: [B, T, S] bool (True = may attend).
 
-    Without a cache S = T and keys are this call's tokens. With `cache_kv` = (k, v) [B, S, K, hd], the new
-    keys/values are written at slots write_index[b] + t and attention runs over all S slots.
+    Without a cache S = T and keys are this call's tokens. With `cache_kv` = (k [B, K, hd, S], v [B, K, S, hd])
+    the new keys/values are written at slots write_index[b] + t and attention runs over all S slots.
     Returns (out [B, T, D], updated (k, v) or None).
     """
     cfg = self.cfg
@@ -233,17 +289,14 @@ class Attention(nn.Module):
     k = rope(self._proj("k", cfg.num_kv_heads, "kv_heads")(x), positions, cfg.rope_theta)
     v = self._proj("v", cfg.num_kv_heads, "kv_heads")(x)
     new_kv = None
-    if cache_kv is not None:
-      ck, cv = cache_kv
-      b, t = x.shape[0], x.shape[1]
-      rows = jnp.arange(b)[:, None]
-      slots = write_index[:, None] + jnp.arange(t)[None, :]
-      # Out-of-range slots (padding past the cache end) are dropped, never wrapped.
-      ck = ck.at[rows, slots].set(k.astype(ck.dtype), mode="drop")
-      cv = cv.at[rows, slots].set(v.astype(cv.dtype), mode="drop")
-      k, v, new_kv = ck, cv, (ck, cv)
-    out = attention(q, k, v, key_mask, dtype=cfg.dtype,
-                    causal_block=cfg.attention_block if cache_kv is None else 0)
+    if cache_kv is None:
+      out = attention(q, k, v, key_mask, dtype=cfg.dtype, causal_block=cfg.attention_block)
+    else:
+      ck = _write_cache(cache_kv[0], k.transpose(0, 2, 3, 1), write_index, 3)  # [B, K, hd, S]
+      cv = _write_cache(cache_kv[1], v.transpose(0, 2, 1, 3), write_index, 2)  # [B, K, S, hd]
+      new_kv = (ck, cv)
+      q = _heads_major_queries(q, cfg.num_kv_heads, cfg.dtype)
+      out = _heads_last(_attend(q, ck.astype(cfg.dtype), cv.astype(cfg.dtype), key_mask, "bkds", cfg.dtype))
     out = nn.DenseGeneral(features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="o",
                           kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")))(out)
@@ -342,17 +395,16 @@ def _run_layers(params: Params, cfg: Qwen2Config, x, positions, key_mask, cache:
     x, _ = jax.lax.scan(body, x, params["layers"])
     return x, None
 
-  # Decoding: the whole cache rides in the carry and each layer scatters only its new slots in place.
-  def body(carry, xs):
-    h, ck, cv = carry
-    layer_params, i = xs
-    h, (lk, lv) = layer.apply({"params": layer_params}, h, positions, key_mask, (ck[i], cv[i]), write_index)
-    ck = jax.lax.dynamic_update_index_in_dim(ck, lk, i, 0)
-    cv = jax.lax.dynamic_update_index_in_dim(cv, lv, i, 0)
-    return (h, ck, cv), None
-
-  (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], jnp.arange(cfg.num_layers)))
-  return x, KVCache(ck, cv)
+  # With a cache the layers are unrolled: each updates its own cache arrays in place (inside a scan the
+  # per-layer slices of a stacked cache are copied in and out of the carry on every step).
+  ks, vs = [], []
+  for i in range(cfg.num_layers):
+    layer_params = jax.tree.map(lambda a: a[i], params["layers"])
+    x, (lk, lv) = layer.apply({"params": layer_params}, x, positions, key_mask, (cache.k[i], cache.v[i]),
+                              write_index)
+    ks.append(lk)
+    vs.append(lv)
+  return x, KVCache(tuple(ks), tuple(vs))
 
 
 def _positions_and_mask(tokens, positions, attention_mask):
@@ -407,7 +459,7 @@ def forward_with_cache(params: Params, cfg: Qwen2Config, tokens: jax.Array, cach
   """
   b, t = tokens.shape
   positions = (write_index[:, None] + jnp.arange(t)[None, :]).astype(jnp.int32)
-  slots = jnp.arange(cache.k.shape[2])
+  slots = jnp.arange(cache.length)
   key_mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
   x = _embed_module(cfg).apply({"params": params["embed"]}, tokens)
   x, cache = _run_layers(params, cfg, x, positions, key_mask, cache, write_index.astype(jnp.int32))

@@ -1,7 +1,8 @@
 """The jitted programs of the sampler: new state, extend (= prefill), a chunk of decode steps, relayout.
 
 Device state per session is (cache, last_hidden):
-  cache        KVCache, k/v [L, B, S, K, hd]; slot s of row b holds position s of the sequence in that row.
+  cache        KVCache (per layer k [B, K, hd, S], v [B, K, S, hd]); slot s of row b holds position s of the
+               sequence in that row.
   last_hidden  [B, D] final-norm hidden state at the row's last held token: the next token's logits come
                from it, so the cache always holds every token of a sequence, including the last one.
 Row lengths, sequence ids and activity are host-side numpy arrays passed in on each call (a few bytes).
@@ -53,14 +54,14 @@ class Programs:
     return jax.lax.with_sharding_constraint(x, sharding.replicated(self.mesh))
 
   def _constrain_state(self, cache: qwen2.KVCache, last_hidden):
-    names = qwen2.CACHE_LOGICAL_AXES
-    return (qwen2.KVCache(self._constrain(cache.k, names), self._constrain(cache.v, names)),
-            self._constrain(last_hidden, ("batch", None)))
+    cache = qwen2.KVCache(tuple(self._constrain(k, qwen2.CACHE_K_AXES) for k in cache.k),
+                          tuple(self._constrain(v, qwen2.CACHE_V_AXES) for v in cache.v))
+    return cache, self._constrain(last_hidden, ("batch", None))
 
   # -- programs
 
   def _new_state(self, *, batch: int, length: int):
-    """Zero cache [L, batch, length, K, hd] and zero last_hidden [batch, D]."""
+    """Zero cache (batch rows, `length` slots) and zero last_hidden [batch, D]."""
     TRACE_COUNTS["new_state"] += 1
     cfg = self.cfg
     return self._constrain_state(qwen2.init_cache(cfg, batch, length),
@@ -96,7 +97,7 @@ class Programs:
     TRACE_COUNTS["decode"] += 1
     cfg = self.cfg
     b = lengths.shape[0]
-    s = cache.k.shape[2]
+    s = cache.length
     lengths = lengths.astype(jnp.int32)
     init = dict(i=jnp.int32(0), cache=cache, last_hidden=last_hidden, lengths=lengths, done=~active,
                 n_new=jnp.zeros((b,), jnp.int32), reason=jnp.zeros((b,), jnp.int32), window=window,
@@ -140,14 +141,16 @@ class Programs:
     safe = jnp.maximum(rows, 0)
     keep = rows >= 0
 
-    def move(x):  # [L, B, S, K, hd] -> [L, B', length, K, hd]
-      x = jnp.where(keep[None, :, None, None, None], x[:, safe], 0)
-      s = x.shape[2]
+    def move(x, slot_axis):  # [B, ...S...] -> [B', ...length...]
+      x = jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x[safe], 0)
+      s = x.shape[slot_axis]
       if length >= s:
-        return jnp.pad(x, ((0, 0), (0, 0), (0, length - s), (0, 0), (0, 0)))
-      return x[:, :, :length]
+        pad = [(0, 0)] * x.ndim
+        pad[slot_axis] = (0, length - s)
+        return jnp.pad(x, pad)
+      return jax.lax.slice_in_dim(x, 0, length, axis=slot_axis)
 
-    new_cache = qwen2.KVCache(move(cache.k), move(cache.v))
+    new_cache = qwen2.KVCache(tuple(move(k, 3) for k in cache.k), tuple(move(v, 2) for v in cache.v))
     return self._constrain_state(new_cache, jnp.where(keep[:, None], last_hidden[safe], 0))
 
 
