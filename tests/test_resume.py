@@ -1,9 +1,11 @@
-"""Resume after SIGKILL: a run killed in the middle of a GRPO round, then restarted in the same workdir, writes
-exactly the metrics and results of an uninterrupted run (same rollouts, same updates, same evaluation).
+"""Resume after SIGKILL: a run killed in the middle of a GRPO round, restarted, killed again in the middle of
+its OFSD phase, and restarted again in the same workdir, writes exactly the metrics and results of an
+uninterrupted run (same rollouts, same updates, same OFSD pairs and targets, same evaluation).
 
-Both runs go through `launch/train.py` in subprocesses on the smoke demo config with a checkpoint after every
-update. (The smoke policy answers nothing correctly, so its OFSD phase has no pairs; resuming inside an OFSD
-phase is covered at the phase level in tests/test_ofsd_phase.py.)
+The runs go through `launch/train.py` in subprocesses on the smoke demo config with a checkpoint after every
+update. The smoke policy is made a little bigger and warm-started long enough to reproduce some training
+answers, and the OFSD rollouts sample at temperature 0.3, so the OFSD phase finds pairs and makes several
+updates (asserted below) for the second kill to land between them.
 """
 import json
 import os
@@ -18,9 +20,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
     "--config.train.grpo_steps_per_round=4", "--config.checkpoint.every_steps=1",
     "--config.checkpoint.async_save=True",
-    # The smoke policy earns no reward, so its policy-gradient updates are zero: a strong decoupled weight decay
-    # makes every update move the params, so resuming must restore params, optimizer step, data and RNG exactly.
-    "--config.optim.weight_decay=0.5", "--config.optim.learning_rate=0.01",
+    # Weight decay moves the params on every update even when no rollout earns reward (zero policy gradient), so
+    # resuming must restore params, optimizer step, data and RNG exactly; small enough to keep the policy's answers.
+    "--config.optim.weight_decay=1.0", "--config.optim.learning_rate=0.0001",
+    # A policy that answers some training questions: OFSD needs a correct sibling in a group to form pairs.
+    "--config.warm_start.steps=300", "--config.warm_start.pad_multiple=128", "--config.model.hidden_size=64",
+    "--config.model.intermediate_size=128", "--config.model.num_layers=2", "--config.model.num_heads=4",
+    "--config.model.num_kv_heads=2", "--config.protocol.max_response_length=32",
+    "--config.ofsd.questions_per_phase=8", "--config.ofsd.group_size=4", "--config.ofsd.rollout_temperature=0.3",
 ]
 # Wall-clock measurements differ between runs; everything else must be identical.
 TIMING_KEYS = ("time_", "timings")
@@ -89,7 +96,7 @@ def _run_until(cmd, workdir, predicate, timeout=600):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_round_resumes_identically(cache, tmp_path):
+def test_sigkill_mid_round_and_mid_ofsd_resumes_identically(cache, tmp_path):
   ref_dir = str(tmp_path / "uninterrupted")
   subprocess.run(_train_cmd(cache, ref_dir), cwd=REPO, env=_env(), check=True, timeout=900,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -99,11 +106,17 @@ def test_sigkill_mid_round_resumes_identically(cache, tmp_path):
   norms = [r["param_norm"] for r in grpo]
   assert all(a > b for a, b in zip(norms, norms[1:])), f"every update must move the params: {norms}"
   assert len({(r["policy_tokens"], r["response_tokens"]) for r in grpo}) > 1, "rollouts must differ between steps"
+  ofsd = [r for r in want if r["phase"] == "ofsd"]
+  assert len(ofsd) >= 2 and all(r["loss"] > 0 for r in ofsd), f"the OFSD phase must make >= 2 updates: {ofsd}"
+  first_ofsd = ofsd[0]["step"]
 
   work = str(tmp_path / "killed")
   cmd = _train_cmd(cache, work)
   assert _run_until(cmd, work, lambda rows: any(r["phase"] == "grpo" and r["step"] == 2 for r in rows))
   assert len(_rows(work)) < len(want)
+  # Second life: killed after the first OFSD update (the phase's buffer and targets are in the checkpoint).
+  assert _run_until(cmd, work, lambda rows: any(r["phase"] == "ofsd" and r["step"] == first_ofsd for r in rows))
+  assert not any(r["phase"] == "ofsd_end" for r in _rows(work))
   _run_until(cmd, work, lambda rows: False)
 
   assert _rows(work) == want

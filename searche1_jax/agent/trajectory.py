@@ -197,6 +197,28 @@ def bucket_length(n: int, pad_to: int | Sequence[int] | None = None) -> int:
   return fits[0]
 
 
+def packed_targets(loss_mask: np.ndarray, minimum: int = 64) -> dict[str, np.ndarray]:
+  """Host side: the scored target positions of a train batch, packed to the left of each row.
+
+  loss_mask: [B, T] aligned with tokens (the targets are tokens[:, 1:] under loss_mask[:, 1:]).
+  Returns target_index [B, K] int32 (positions in [0, T-1) where loss_mask[:, 1:] is 1, in order, then 0s)
+  and target_valid [B, K] int32 (1 on real entries); K = the most in any row, rounded up to a power of two
+  >= `minimum` (few compiled shapes). Passing both to `rl.logprobs.token_logprobs` (the train steps read them
+  from the batch) gives the same log-probs as without, while projecting only K instead of T - 1 positions per
+  row.
+  """
+  m = np.asarray(loss_mask)[:, 1:] != 0
+  counts = m.sum(axis=1)
+  k = max(1 << max(int(counts.max(initial=0)) - 1, 0).bit_length(), minimum)
+  index = np.zeros((m.shape[0], k), np.int32)
+  valid = np.zeros((m.shape[0], k), np.int32)
+  for r in range(m.shape[0]):
+    pos = np.flatnonzero(m[r])
+    index[r, :len(pos)] = pos
+    valid[r, :len(pos)] = 1
+  return {"target_index": index, "target_valid": valid}
+
+
 def to_batch(trajs: Sequence[Trajectory], advantages, pad_to: int | Sequence[int] | None = None,
              pad_id: int = 0) -> dict[str, np.ndarray]:
   """The train-step batch (see searche1_jax/train/steps.py), all aligned with `tokens`:
@@ -206,6 +228,7 @@ def to_batch(trajs: Sequence[Trajectory], advantages, pad_to: int | Sequence[int
     loss_mask      [B, T] int32   policy_mask (1 on policy tokens), 0 on padding
     old_logprobs   [B, T] float32 sampler log-prob of tokens[b, t], 0 where loss_mask is 0
     advantages     [B]    float32
+    target_index, target_valid [B, K] int32  the scored positions (packed_targets)
   The step scores targets tokens[:, 1:] from inputs tokens[:, :-1] with loss_mask[:, 1:]. T = bucket_length.
   """
   if not trajs:
@@ -226,4 +249,4 @@ def to_batch(trajs: Sequence[Trajectory], advantages, pad_to: int | Sequence[int
     loss_mask[i, :n] = t.policy_mask
     old_logprobs[i, :n] = np.where(t.policy_mask == 1, t.logprobs, 0.0)
   return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask,
-          "old_logprobs": old_logprobs, "advantages": adv}
+          "old_logprobs": old_logprobs, "advantages": adv, **packed_targets(loss_mask)}

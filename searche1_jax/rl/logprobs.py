@@ -3,6 +3,10 @@
 Qwen2.5's vocabulary has 151,936 entries; a full [B, T, V] float32 logits array for 8 x 4096 tokens would be
 ~20 GB. We project one time chunk at a time inside a rematerialized scan, so forward and backward hold
 [B, chunk, V] at most.
+
+Only the scored positions need the vocabulary projection: with `agent.trajectory.packed_targets` a batch names
+them, and `token_logprobs` projects just those hidden states ([B, K] with K ~ the most policy tokens in a
+row, instead of [B, T] -- prompts and retrieved passages are most of a search trajectory's tokens).
 """
 from __future__ import annotations
 
@@ -76,12 +80,28 @@ def logprobs_from_hidden(hidden: jax.Array, head: jax.Array, targets: jax.Array,
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk_size", "return_entropy"))
 def token_logprobs(params, cfg: qwen2.Qwen2Config, tokens: jax.Array, targets: jax.Array,
                    mask: jax.Array | None = None, chunk_size: int = 128, *, positions=None, attention_mask=None,
-                   temperature: float = 1.0, return_entropy: bool = False):
+                   temperature: float = 1.0, return_entropy: bool = False, target_index=None, target_valid=None):
   """log p(targets[b, t] | tokens[b, :t+1]) for a causal LM, without [B, T, V] logits.
 
   tokens, targets, mask: [B, T] (targets are usually tokens shifted left by one). Returns float32 [B, T]
   (and entropy [B, T] when return_entropy). Equal to log_softmax(forward(...))[targets] up to float error.
+  target_index / target_valid [B, K] (see agent.trajectory.packed_targets): only those positions are scored; the others are 0
+  (they must cover every position where mask is 1).
   """
   hidden = qwen2.hidden_states(params, cfg, tokens, positions, attention_mask)
-  return logprobs_from_hidden(hidden, qwen2.head_kernel(params, cfg), targets, mask, chunk_size=chunk_size,
-                              temperature=temperature, compute_dtype=cfg.dtype, return_entropy=return_entropy)
+  head = qwen2.head_kernel(params, cfg)
+  kw = dict(chunk_size=chunk_size, temperature=temperature, compute_dtype=cfg.dtype, return_entropy=return_entropy)
+  if target_index is None:
+    return logprobs_from_hidden(hidden, head, targets, mask, **kw)
+  # Project only the packed positions, then put the results back in place ([B, K] -> [B, T]).
+  index = target_index.astype(jnp.int32)
+  valid = target_valid.astype(bool)
+  picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
+  outs = logprobs_from_hidden(picked, head, jnp.take_along_axis(targets, index, axis=1), valid, **kw)
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  unpack = lambda o: jnp.zeros(targets.shape, jnp.float32).at[rows, index].add(jnp.where(valid, o, 0.0))
+  outs = tuple(unpack(o) for o in (outs if return_entropy else (outs,)))
+  if mask is not None:
+    outs = tuple(jnp.where(mask.astype(bool), o, 0.0) for o in outs)
+  return outs if return_entropy else outs[0]
+

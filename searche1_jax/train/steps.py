@@ -29,6 +29,9 @@ GRPO batch format (the rollout produces it from trajectories; B sequences of T t
   ref_logprobs    [B, T] float32  optional: reference log-probs (added by `GRPOStep.prepare_batch` in the
                                   'precompute' reference mode)
   sampler_logprobs [B, T] float32 optional: the sampler's log-probs, kept when old_logprobs are recomputed
+  target_index, target_valid [B, K] int32 optional (agent.trajectory.packed_targets(loss_mask)): the scored
+                                  target positions packed per row; with them only K positions per row get the
+                                  vocabulary projection (same results)
 All per-token arrays are aligned with `tokens`: entry t belongs to token t. The step scores
 targets = tokens[:, 1:] from inputs = tokens[:, :-1] and uses loss_mask[:, 1:] (token 0 is never a target).
 The retrieved-passage mask of a trajectory IS the loss mask: no loss, KL or metric on tokens the policy did not
@@ -301,6 +304,8 @@ def model_train_step(cfg: qwen2.Qwen2Config, loss_fn: LossFn, tx: optax.Gradient
 # ----------------------------------------------------------------------------------------------- log-probs
 
 _BATCH_FIELDS = {"tokens": 2, "attention_mask": 2, "loss_mask": 2}
+# Optional: the scored positions packed per row (agent.trajectory.packed_targets); only those get the vocab projection.
+_PACKED_FIELDS = ("target_index", "target_valid")
 
 
 def _check_fields(batch, fields: Mapping[str, int], where: str):
@@ -322,11 +327,13 @@ def _check_fields(batch, fields: Mapping[str, int], where: str):
 def shifted_logprobs(params, cfg: qwen2.Qwen2Config, batch, *, chunk_size: int, temperature: float = 1.0,
                      return_entropy: bool = False):
   """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1 on policy tokens: [B, T-1] float32 (0 where
-  loss_mask[:, 1:] is 0), and the entropy [B, T-1] in nats if return_entropy. Chunked: no [B, T, V] array."""
+  loss_mask[:, 1:] is 0), and the entropy [B, T-1] in nats if return_entropy. Chunked: no [B, T, V] array.
+  A batch with target_index / target_valid (agent.trajectory.packed_targets) projects only those positions."""
   tokens = batch["tokens"].astype(jnp.int32)
   return token_logprobs(params, cfg, tokens[:, :-1], tokens[:, 1:], batch["loss_mask"][:, 1:], chunk_size,
                         attention_mask=batch["attention_mask"][:, :-1], temperature=temperature,
-                        return_entropy=return_entropy)
+                        return_entropy=return_entropy, target_index=batch.get("target_index"),
+                        target_valid=batch.get("target_valid"))
 
 
 def align_to_tokens(x: jax.Array) -> jax.Array:
@@ -343,7 +350,7 @@ def make_logprob_fn(cfg: qwen2.Qwen2Config, *, mesh: Mesh, param_shardings, chun
   bsh2 = shd.batch_sharding(mesh, 2, rules)
 
   def score(params, batch):
-    batch = {k: batch[k] for k in _BATCH_FIELDS}
+    batch = {k: batch[k] for k in (*_BATCH_FIELDS, *_PACKED_FIELDS) if k in batch}
     one = lambda mb: align_to_tokens(shifted_logprobs(params, cfg, mb, chunk_size=chunk_size,
                                                       temperature=temperature))
     if num_microbatches == 1:
@@ -355,7 +362,7 @@ def make_logprob_fn(cfg: qwen2.Qwen2Config, *, mesh: Mesh, param_shardings, chun
   def call(params, batch):
     _check_fields(batch, _BATCH_FIELDS, "logprob pass")
     check_batch_size(batch["tokens"].shape[0], num_microbatches, mesh, rules)
-    return jitted(params, {k: batch[k] for k in _BATCH_FIELDS})
+    return jitted(params, {k: batch[k] for k in (*_BATCH_FIELDS, *_PACKED_FIELDS) if k in batch})
 
   call.jitted = jitted
   return call

@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from searche1_jax.agent import trajectory
+
 FINGERPRINT_FILE = "warm_start.json"
 FORMAT_VERSION = 1
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -81,8 +83,10 @@ def make_batches(examples: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: 
   """One epoch of LM batches: examples grouped by padded length, B rows each, batches in random order.
 
   Each batch: tokens [B, T] int32 (right-padded with pad_id), attention_mask [B, T] (1 on real tokens), loss_mask
-  [B, T] (the examples' masks, 0 on padding), T = padded_length(longest, pad_multiple). A bucket's last batch is
-  filled with all-padding rows (loss 0, excluded from the denominator), so every batch has B rows.
+  [B, T] (the examples' masks, 0 on padding), T = padded_length(longest, pad_multiple), and the packed scored
+  positions (target_index / target_valid, agent.trajectory.packed_targets: only those get the vocab
+  projection). A bucket's last batch is filled with all-padding rows (loss 0, excluded from the denominator),
+  so every batch has B rows.
   """
   by_len: dict[int, list[int]] = {}
   for i in rng.permutation(len(examples)):
@@ -100,7 +104,8 @@ def make_batches(examples: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: 
         tokens[r, :len(ids)] = ids
         attn[r, :len(ids)] = 1
         loss[r, :len(ids)] = mask
-      batches.append({"tokens": tokens, "attention_mask": attn, "loss_mask": loss})
+      batches.append({"tokens": tokens, "attention_mask": attn, "loss_mask": loss,
+                      **trajectory.packed_targets(loss)})
   order = rng.permutation(len(batches))
   return [batches[int(i)] for i in order]
 
