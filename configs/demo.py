@@ -31,16 +31,21 @@ def warm_start_block() -> ml_collections.ConfigDict:
   c.out_dir = ""  # where the warm-started HF checkpoint (+ tokenizer, warm_start.json) goes; set from `cache`
   c.seed = 0  # init of the policy, the transcript draw and the batch order
   c.num_questions = 0  # training questions that get transcripts (the first N); 0 = all
-  c.steps = 600  # optimizer steps (batches of batch_size transcripts)
-  c.batch_size = 16  # transcripts per step
+  c.steps = 1500  # optimizer steps (batches of batch_size transcripts); ~4 epochs of the 3,000 transcripts
+  c.batch_size = 8  # transcripts per step (small batches, many steps: the copy skills need steps more than rows)
   c.pad_multiple = 128  # sequences are padded to a multiple of this (few compiled shapes)
   c.max_length = 1024  # transcripts longer than this many tokens are dropped (counted in warm_start.json)
   c.chunk_size = 128  # time steps per chunk of the chunked log-prob path
   c.pad_id = 0  # id written into padding (never a target: attention and loss masks are 0 there)
   c.log_every = 50  # log the LM loss every k steps
+  # Fraction of the training questions that also get a *hinted* transcript: the OFSD teacher's prompt (the
+  # ofsd.context_* block showing an efficient transcript's searches) followed by that transcript. A pretrained
+  # model can follow a worked solution in its context; this teaches the tiny policy to, so OFSD's teacher means
+  # something. Requires ofsd.context_format='actions'. 0 = off.
+  c.hint_fraction = 0.0
 
   o = common.part("optim")  # AdamW; the LM stage wants a much larger LR than RL
-  o.learning_rate = 2e-3
+  o.learning_rate = 3e-3
   o.warmup_ratio = 0.0
   o.warmup_steps = 30
   o.schedule = "cosine"
@@ -73,7 +78,7 @@ def _model_fields(config: ml_collections.ConfigDict, warm_start_dir: str) -> Non
   common.set_fields(config, {
       "model.preset": "qwen2.5-0.5b", "model.hf_dir": warm_start_dir, "model.dtype": "float32",
       "model.param_dtype": "float32", "model.remat": "none", "model.seed": 0, "model.hidden_size": 128,
-      "model.intermediate_size": 384, "model.num_layers": 4, "model.num_heads": 4, "model.num_kv_heads": 2,
+      "model.intermediate_size": 384, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
       "model.rope_theta": 10_000.0, "model.tie_word_embeddings": True})
 
 
@@ -94,26 +99,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "data.world_dir": config.demo.world_dir, "data.tfds_dir": config.demo.tfds_dir,
       "data.train_dataset": "synthetic_world", "data.train_split": "train",
       "data.eval_datasets": ("synthetic_world",), "data.eval_split": "test",
-      # Retrieval: MiniLM + ScaNN, in process.
-      "retrieval.backend": "scann", "retrieval.index_dir": config.demo.index_dir, "retrieval.topk": 3,
+      # Retrieval: MiniLM + ScaNN, in process. One passage per search (Search-R1: 3): a 0.7M-parameter policy
+      # trained for minutes on 2 cores cannot yet pick the right passage among look-alikes, and it halves the
+      # tokens of every step.
+      "retrieval.backend": "scann", "retrieval.index_dir": config.demo.index_dir, "retrieval.topk": 1,
       "retrieval.encoding.batch_size": 64, "retrieval.encoding.num_devices": 1,
       # Protocol: Search-R1 template and tags; limits sized to the world's short passages and turns.
-      "protocol.topk": 3, "protocol.max_turns": 4, "protocol.max_response_length": 64,
-      "protocol.max_obs_length": 256, "protocol.max_start_length": 256, "protocol.max_prompt_length": 1024,
-      "world.transcripts.topk": 3, "world.transcripts.max_searches": 4,
+      "protocol.topk": 1, "protocol.max_turns": 4, "protocol.max_response_length": 64,
+      "protocol.max_obs_length": 128, "protocol.max_start_length": 256, "protocol.max_prompt_length": 1024,
+      "world.transcripts.topk": 1, "world.transcripts.max_searches": 4,
       "rollout.eval.batch_size": 100, "rollout.eval.write_trajectories": True,
-      # GRPO: Search-R1's loss (k3 KL to the warm start, clip 0.2, token-mean), sized for a CPU.
-      "grpo.group_size": 5, "grpo.kl_coef": 0.001, "grpo.num_microbatches": 1,
-      "optim.learning_rate": 1e-4, "optim.warmup_ratio": 0.0, "optim.warmup_steps": 0,
+      # GRPO: Search-R1's clipped loss (clip 0.2, token-mean, group size 5) without the KL term (saves the
+      # reference pass on a CPU), one update per rollout batch so the sampler's log-probs are the old ones, and
+      # a learning rate for a tiny model (Search-R1's 1e-6 is for 3B parameters).
+      "grpo.group_size": 5, "grpo.kl_coef": 0.0, "grpo.old_logprobs": "sampler", "grpo.num_microbatches": 1,
+      "optim.learning_rate": 5e-4, "optim.warmup_ratio": 0.0, "optim.warmup_steps": 0,
       "optim.schedule": "constant", "optim.weight_decay": 0.0, "optim.grad_clip_norm": 1.0,
       "train.num_rounds": 3, "train.grpo_steps_per_round": 10, "train.prompts_per_step": 16,
       "train.mini_batch_prompts": 16, "train.ppo_epochs": 1, "train.eval_at_start": True,
-      "train.eval_every_rounds": 1, "train.eval_every_steps": 0,
+      "train.eval_every_rounds": 1, "train.eval_every_steps": 0, "train.eval_after_grpo": True,
       # OFSD (Search-E1 defaults, smaller phase).
       "ofsd.enabled": True, "ofsd.mode": "offline", "ofsd.kind": "forward_kl", "ofsd.top_k": 0,
       "ofsd.group_size": 5, "ofsd.questions_per_phase": 32, "ofsd.epochs": 2, "ofsd.batch_size": 16,
       "ofsd.num_microbatches": 1, "ofsd.optim.learning_rate": 1e-4, "ofsd.alpha": 0.1,
       "ofsd.warmup_steps": 0,
+      # The teacher sees the efficient sibling's searches only (no passages, no answer), in the layout the warm
+      # start's hinted transcripts taught the policy to follow. Shown the full trajectory with its answer, the
+      # 0.7M-parameter teacher (never trained on such a context) was far from the student (KL 1.1 nats/token)
+      # and distilling toward it collapsed the policy (EM 0.26 -> 0.09, 2.3 -> 0.8 searches): measured.
+      "ofsd.context_format": "actions", "ofsd.context_answer": False, "ofsd.context_passages": False,
+      "warm_start.hint_fraction": 0.3,
       # Checkpoints: only at phase ends (a CPU demo is short).
       "checkpoint.every_steps": 0, "checkpoint.keep": 2, "logging.text_samples": 1,
   })

@@ -167,12 +167,14 @@ def stage_index(config, log: Log) -> None:
 
 def stage_warm_start(config, world, log: Log) -> dict:
   """Warm-starts the policy (or reuses a warm start with the same fingerprint)."""
+  from searche1_jax.rl import privileged
   from searche1_jax.train import warm_start
   t = time.perf_counter()
+  hint_context = privileged.ContextOptions.from_config(config.ofsd, config.protocol.template)
   info = warm_start.run(config.warm_start, config.model, world, config.demo.world_dir, config.demo.tokenizer_dir,
                         config.world.transcripts, config.protocol,
                         log=lambda step, m: log(f"  warm start step {step}/{config.warm_start.steps}: "
-                                                f"policy-token NLL {m['nll']:.3f}"))
+                                                f"policy-token NLL {m['nll']:.3f}"), hint_context=hint_context)
   log(f"warm start {'reused' if info['status'] == 'cached' else 'trained'}: {config.warm_start.out_dir} "
       f"({info['num_params']:,} parameters, {info['steps']} steps on {info['examples']} transcripts, final NLL "
       f"{info['final'].get('nll', float('nan')):.3f}) [{time.perf_counter() - t:.1f}s]")

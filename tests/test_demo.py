@@ -73,6 +73,38 @@ def test_tokenize_segments_masks_only_policy_turns(smoke):
   np.testing.assert_array_equal(mask2, mask[:-1])
 
 
+def test_hinted_examples_show_the_teacher_prompt_then_the_transcript(smoke):
+  """warm_start.hint_fraction: hinted examples start with exactly the OFSD teacher's prompt ('actions' block
+  after the question) showing the transcript's own searches, then train on that efficient transcript."""
+  from searche1_jax.rl import privileged
+  config, world, tok = smoke
+  block = config.warm_start.copy_and_resolve_references()
+  block.hint_fraction = 0.5
+  opts = privileged.ContextOptions(context_format="actions", context_passages=False, context_answer=False,
+                                   template=config.protocol.template)
+  n = len(world.train_questions)
+  examples, counts = warm_start.build_examples(world, tok, block, config.world.transcripts, config.protocol, opts)
+  per_q = config.world.transcripts.per_question
+  assert counts["kinds"]["hinted"] == round(0.5 * n) and len(examples) == n * per_q + round(0.5 * n)
+  hinted = warm_start.hint_examples(world, world.train_questions[:3], tok, np.random.default_rng(1),
+                                    config.world.transcripts, config.protocol, opts)
+  for q, (prompt_ids, rec) in zip(world.train_questions[:3], hinted):
+    assert rec.kind == "efficient" and rec.correct
+    lines = "".join(f"<search> {x} </search>\n" for x in rec.searches)
+    want = (protocol.make_prompt(q["question"], config.protocol.template) + "\n" + privileged.HEADER_REFERENCE
+            + "\n" + lines)
+    assert tok.decode(prompt_ids, skip_special_tokens=False) == want
+    ids, mask = warm_start.tokenize_segments(rec.segments, tok, prompt_ids=prompt_ids)
+    plain, plain_mask = warm_start.tokenize_segments(rec.segments, tok)
+    p_len = len(rollout_lib.build_prompt_ids(tok, q["question"], config.protocol.template))
+    assert ids[:len(prompt_ids)].tolist() == prompt_ids and not mask[:len(prompt_ids)].any()
+    assert ids[len(prompt_ids):].tolist() == plain[p_len:].tolist()  # the same response tokens
+    np.testing.assert_array_equal(mask[len(prompt_ids):], plain_mask[p_len:])
+  with pytest.raises(ValueError, match="context_format='actions'"):
+    warm_start.build_examples(world, tok, block, config.world.transcripts, config.protocol,
+                              privileged.ContextOptions(template=config.protocol.template))
+
+
 def test_tokenize_segments_rejects_trainable_prompt(smoke):
   _, _, tok = smoke
   with pytest.raises(ValueError, match="prompt"):
@@ -110,6 +142,7 @@ def _tiny_block(config, out_dir, steps=2):
   ws.out_dir = out_dir
   ws.steps = steps
   ws.log_every = 1
+  ws.hint_fraction = 0.0  # hinted examples: test_hinted_examples_... and the smoke end-to-end run
   return ws
 
 
@@ -217,7 +250,9 @@ def test_smoke_demo_end_to_end(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     rounds = json.load(f)["rounds"]
   assert rounds[0]["round"] == 0 and rounds[0]["phase"] == "init"
-  assert [r["round"] for r in rounds[1:]] == list(range(1, config.train.num_rounds + 1))
+  # train.eval_after_grpo: each round is evaluated after its GRPO steps and again after its OFSD phase.
+  assert [(r["round"], r["phase"]) for r in rounds[1:]] == [
+      (k, p) for k in range(1, config.train.num_rounds + 1) for p in ("grpo", "ofsd")]
   assert all(0.0 <= r["avg_em"] <= 1.0 for r in rounds)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]

@@ -24,7 +24,8 @@ OVERRIDES = [
     # resuming must restore params, optimizer step, data and RNG exactly; small enough to keep the policy's answers.
     "--config.optim.weight_decay=1.0", "--config.optim.learning_rate=0.0001",
     # A policy that answers some training questions: OFSD needs a correct sibling in a group to form pairs.
-    "--config.warm_start.steps=300", "--config.warm_start.pad_multiple=128", "--config.model.hidden_size=64",
+    "--config.warm_start.steps=300", "--config.warm_start.hint_fraction=0.0", "--config.warm_start.pad_multiple=128",
+    "--config.model.hidden_size=64",
     "--config.model.intermediate_size=128", "--config.model.num_layers=2", "--config.model.num_heads=4",
     "--config.model.num_kv_heads=2", "--config.protocol.max_response_length=32",
     "--config.ofsd.questions_per_phase=8", "--config.ofsd.group_size=4", "--config.ofsd.rollout_temperature=0.3",

@@ -18,6 +18,7 @@ the tokenizer and the world's training questions and corpus).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -47,19 +48,19 @@ def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
   return list(tokenizer.encode(prompt_text))
 
 
-def tokenize_segments(segments: Sequence[tuple[str, bool]], tokenizer, *,
-                      add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_segments(segments: Sequence[tuple[str, bool]], tokenizer, *, add_eos: bool = True,
+                      prompt_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """One transcript's `(text, trainable)` segments -> (ids int32 [L], loss_mask int32 [L]).
 
-  The first segment is the prompt (never trainable); every later segment is encoded on its own without special
-  tokens. loss_mask is 1 on the tokens of trainable segments (the policy's turns) and on the appended EOS (when
-  add_eos and the last segment is trainable), 0 elsewhere.
+  The first segment is the prompt (never trainable; `prompt_ids`, when given, replace its encoding); every later
+  segment is encoded on its own without special tokens. loss_mask is 1 on the tokens of trainable segments (the
+  policy's turns) and on the appended EOS (when add_eos and the last segment is trainable), 0 elsewhere.
   """
   if not segments:
     raise ValueError("tokenize_segments: a transcript needs at least the prompt segment")
   if segments[0][1]:
     raise ValueError("tokenize_segments: the first segment is the prompt and must not be trainable")
-  ids: list[int] = list(encode_prompt(tokenizer, segments[0][0]))
+  ids: list[int] = list(encode_prompt(tokenizer, segments[0][0]) if prompt_ids is None else prompt_ids)
   mask: list[int] = [0] * len(ids)
   for text, trainable in segments[1:]:
     piece = list(tokenizer.encode(text, add_special_tokens=False))
@@ -141,7 +142,8 @@ def _plain(x):
   return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
-def fingerprint(block, model_block, transcripts_cfg, protocol_cfg, tokenizer_dir: str, world_dir: str) -> str:
+def fingerprint(block, model_block, transcripts_cfg, protocol_cfg, tokenizer_dir: str, world_dir: str,
+                hint_context=None) -> str:
   """Hash of everything the warm-start result depends on (the `out_dir` field excluded)."""
   from searche1_jax.data import synthetic_world as sw
   ws = _plain(block)
@@ -157,6 +159,8 @@ def fingerprint(block, model_block, transcripts_cfg, protocol_cfg, tokenizer_dir
   model = {k: _plain(model_block[k]) for k in ("preset", "param_dtype", "dtype") + _SHAPE_FIELDS if k in model_block}
   payload = {"version": FORMAT_VERSION, "warm_start": ws, "model": model, "transcripts": _plain(transcripts_cfg),
              "protocol": proto, "files": files}
+  if float(block.get("hint_fraction", 0.0)) > 0 and hint_context is not None:
+    payload["hint_context"] = dataclasses.asdict(hint_context)
   return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -190,21 +194,65 @@ def check_block(block) -> None:
     problems.append(f"warm_start.num_questions={block.num_questions!r} must be an integer >= 0 (0 = all)")
   if not block.out_dir:
     problems.append("warm_start.out_dir is empty: set the directory the warm-started HF checkpoint goes to")
+  hint = block.get("hint_fraction", 0.0)
+  if isinstance(hint, bool) or not isinstance(hint, (int, float)) or not 0.0 <= hint <= 1.0:
+    problems.append(f"warm_start.hint_fraction={hint!r} must be a number in [0, 1]")
   if problems:
     raise ValueError("invalid warm-start config:\n  " + "\n  ".join(problems))
 
 
-def build_examples(world, tokenizer, block, transcripts_cfg, protocol_cfg) -> tuple[list, dict]:
-  """Transcripts of the training questions -> tokenized (ids, loss_mask) examples, plus counts by kind."""
+def hint_examples(world, questions, tokenizer, rng, transcripts_cfg, protocol_cfg, hint_context) -> list:
+  """Hinted transcripts: for each question, an efficient scripted transcript whose prompt is the OFSD teacher's
+  prompt (`rl.privileged.teacher_prompt_ids`) showing that same transcript's searches (and answer, per
+  `hint_context.context_answer`). Returns a list of (prompt_ids, Transcript)."""
+  import types
+
+  import ml_collections
+
+  from searche1_jax.data import transcripts as transcripts_lib
+  from searche1_jax.rl import privileged
+  if hint_context.context_format != "actions" or hint_context.context_siblings != "reference":
+    raise ValueError("warm_start.hint_fraction > 0 shows scripted transcripts as the OFSD teacher would: it needs "
+                     "ofsd.context_format='actions' and ofsd.context_siblings='reference' (got "
+                     f"{hint_context.context_format!r}, {hint_context.context_siblings!r})")
+  efficient = ml_collections.ConfigDict(transcripts_cfg.to_dict())
+  efficient.per_question = 1
+  efficient.rates = {k: (1.0 if k == "efficient" else 0.0) for k in transcripts_cfg.rates}
+  records = transcripts_lib.make_transcript_records(world, questions, rng, efficient, protocol_cfg)
+  out = []
+  for q, rec in zip(questions, records):
+    shown = types.SimpleNamespace(queries=rec.searches, answer=rec.answer)  # all an 'actions' block reads
+    block_text = privileged.context_block([shown], tokenizer, hint_context)
+    out.append((privileged.teacher_prompt_ids(tokenizer, q["question"], block_text, hint_context), rec))
+  return out
+
+
+def build_examples(world, tokenizer, block, transcripts_cfg, protocol_cfg,
+                   hint_context=None) -> tuple[list, dict]:
+  """Transcripts of the training questions -> tokenized (ids, loss_mask) examples, plus counts by kind.
+
+  With block.hint_fraction > 0 (and `hint_context`, the OFSD `privileged.ContextOptions`), that fraction of the
+  questions also gets a hinted example (`hint_examples`, kind 'hinted'): the stand-in for a pretrained model's
+  ability to follow a worked solution shown in its context, which OFSD's teacher relies on.
+  """
   from searche1_jax.data import transcripts as transcripts_lib
   questions = list(world.train_questions)
   if block.num_questions:
     questions = questions[:int(block.num_questions)]
   rng = np.random.default_rng(int(block.seed))
   records = transcripts_lib.make_transcript_records(world, questions, rng, transcripts_cfg, protocol_cfg)
+  jobs = [(None, rec) for rec in records]
+  n_hint = int(round(float(block.get("hint_fraction", 0.0)) * len(questions)))
+  if n_hint:
+    if hint_context is None:
+      raise ValueError("warm_start.hint_fraction > 0 needs the OFSD context options (pass hint_context)")
+    picked = [questions[int(i)] for i in np.sort(rng.choice(len(questions), n_hint, replace=False))]
+    jobs += [(ids, dataclasses.replace(rec, kind="hinted"))
+             for ids, rec in hint_examples(world, picked, tokenizer, rng, transcripts_cfg, protocol_cfg,
+                                           hint_context)]
   examples, kinds, dropped = [], {}, 0
-  for rec in records:
-    ids, mask = tokenize_segments(rec.segments, tokenizer)
+  for prompt_ids, rec in jobs:
+    ids, mask = tokenize_segments(rec.segments, tokenizer, prompt_ids=prompt_ids)
     if len(ids) > int(block.max_length):
       dropped += 1
       continue
@@ -251,7 +299,7 @@ def train(examples, model_cfg, block, *, log: Callable[[int, dict], None] | None
 
 
 def run(block, model_block, world, world_dir: str, tokenizer_dir: str, transcripts_cfg, protocol_cfg, *,
-        log: Callable[[int, dict], None] | None = None) -> dict:
+        log: Callable[[int, dict], None] | None = None, hint_context=None) -> dict:
   """Warm-starts the policy into block.out_dir unless a matching one is there already.
 
   Args:
@@ -261,6 +309,7 @@ def run(block, model_block, world, world_dir: str, tokenizer_dir: str, transcrip
     tokenizer_dir: the demo tokenizer (saved next to the weights).
     transcripts_cfg, protocol_cfg: `config.world.transcripts` and `config.protocol`.
     log: called as log(step, metrics) every block.log_every steps.
+    hint_context: the OFSD `privileged.ContextOptions`, needed when block.hint_fraction > 0 (see build_examples).
   Returns:
     The `warm_start.json` contents plus 'status': 'cached' or 'trained'.
   """
@@ -270,13 +319,13 @@ def run(block, model_block, world, world_dir: str, tokenizer_dir: str, transcrip
 
   check_block(block)
   out_dir = str(block.out_dir)
-  fp = fingerprint(block, model_block, transcripts_cfg, protocol_cfg, tokenizer_dir, world_dir)
+  fp = fingerprint(block, model_block, transcripts_cfg, protocol_cfg, tokenizer_dir, world_dir, hint_context)
   if is_cached(out_dir, fp):
     return {**read_info(out_dir), "status": "cached"}
 
   t0 = time.perf_counter()
   tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-  examples, counts = build_examples(world, tokenizer, block, transcripts_cfg, protocol_cfg)
+  examples, counts = build_examples(world, tokenizer, block, transcripts_cfg, protocol_cfg, hint_context)
   model_cfg = model_config(model_block, len(tokenizer))
   logging.info("warm start: %d transcripts (%s), policy of %d parameters, %d steps of %d", len(examples),
                counts["kinds"], model_cfg.num_params, block.steps, block.batch_size)
