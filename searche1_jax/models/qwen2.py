@@ -142,10 +142,6 @@ class KVCache(NamedTuple):
   v: tuple[jax.Array, ...]
 
   @property
-  def batch(self) -> int:
-    return self.v[0].shape[0]
-
-  @property
   def length(self) -> int:
     """Physical slots S."""
     return self.v[0].shape[2]
