@@ -17,8 +17,8 @@ The KV cache stores keys/values at slot == position: sequences are right-padded 
 query's position holds a real token, so the causal rule `slot <= position` is the whole attention mask.
 It is one array pair per layer (decoding unrolls the layers), keys stored transposed ([B, K, hd, S]: the
 score matmul reads slots on the minor axis) and values [B, K, S, hd]; a decode step writes each row's new
-slot with a per-row dynamic_update_slice, not a scatter. On a CPU this layout decodes ~3x faster than a
-stacked [L, B, S, K, hd] cache scanned over layers (prototype timings in the README's sampler section).
+slot with a per-row dynamic_update_slice, not a scatter. On a CPU this took benchmarks/sample.py from 0.44x to
+1.75x transformers' decode speed at batch 64 (vs a stacked [L, B, S, K, hd] cache scanned over layers).
 """
 from __future__ import annotations
 

@@ -85,8 +85,8 @@ def token_logprobs(params, cfg: qwen2.Qwen2Config, tokens: jax.Array, targets: j
 
   tokens, targets, mask: [B, T] (targets are usually tokens shifted left by one). Returns float32 [B, T]
   (and entropy [B, T] when return_entropy). Equal to log_softmax(forward(...))[targets] up to float error.
-  target_index / target_valid [B, K] (see agent.trajectory.packed_targets): only those positions are scored; the others are 0
-  (they must cover every position where mask is 1).
+  target_index / target_valid [B, K] (see agent.trajectory.packed_targets): only those positions are scored,
+  the others are 0 (they must cover every position where mask is 1).
   """
   hidden = qwen2.hidden_states(params, cfg, tokens, positions, attention_mask)
   head = qwen2.head_kernel(params, cfg)
@@ -99,7 +99,7 @@ def token_logprobs(params, cfg: qwen2.Qwen2Config, tokens: jax.Array, targets: j
   picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
   outs = logprobs_from_hidden(picked, head, jnp.take_along_axis(targets, index, axis=1), valid, **kw)
   rows = jnp.arange(tokens.shape[0])[:, None]
-  unpack = lambda o: jnp.zeros(targets.shape, jnp.float32).at[rows, index].add(jnp.where(valid, o, 0.0))
+  unpack = lambda o: jnp.zeros(targets.shape, jnp.float32).at[rows, index].add(o)  # o is 0 where not valid
   outs = tuple(unpack(o) for o in (outs if return_entropy else (outs,)))
   if mask is not None:
     outs = tuple(jnp.where(mask.astype(bool), o, 0.0) for o in outs)

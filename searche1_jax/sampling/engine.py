@@ -150,7 +150,8 @@ class Programs:
         return jnp.pad(x, pad)
       return jax.lax.slice_in_dim(x, 0, length, axis=slot_axis)
 
-    new_cache = qwen2.KVCache(tuple(move(k, 3) for k in cache.k), tuple(move(v, 2) for v in cache.v))
+    k_slots, v_slots = qwen2.CACHE_K_AXES.index("length"), qwen2.CACHE_V_AXES.index("length")
+    new_cache = qwen2.KVCache(tuple(move(k, k_slots) for k in cache.k), tuple(move(v, v_slots) for v in cache.v))
     return self._constrain_state(new_cache, jnp.where(keep[:, None], last_hidden[safe], 0))
 
 

@@ -304,7 +304,7 @@ def model_train_step(cfg: qwen2.Qwen2Config, loss_fn: LossFn, tx: optax.Gradient
 # ----------------------------------------------------------------------------------------------- log-probs
 
 _BATCH_FIELDS = {"tokens": 2, "attention_mask": 2, "loss_mask": 2}
-# Optional: the scored positions packed per row (agent.trajectory.packed_targets); only those get the vocab projection.
+# Optional: the scored positions packed per row (agent.trajectory.packed_targets); only they are projected.
 _PACKED_FIELDS = ("target_index", "target_valid")
 
 
