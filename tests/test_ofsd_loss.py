@@ -15,6 +15,7 @@ import pytest
 from configs.parts import grpo as grpo_part
 from configs.parts import ofsd as ofsd_part
 from searche1_jax import sharding as shd
+from searche1_jax.agent import trajectory
 from searche1_jax.models import qwen2
 from searche1_jax.rl import ofsd
 from searche1_jax.rl import grpo
@@ -178,6 +179,25 @@ def test_full_loss_equals_direct_full_divergence_and_gradient(models):
   g_direct = jax.jit(jax.grad(direct))(params)
   for a, b in zip(jax.tree.leaves(g_student), jax.tree.leaves(g_direct)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+
+def test_packed_distilled_positions_give_the_same_losses_and_gradients(models):
+  params, teacher = models
+  pairs = make_pairs(1)
+  batch = topk_batch(teacher, pairs, K)
+  packed = dict(batch, **trajectory.packed_targets(batch["distill_mask"], minimum=1))
+  assert packed["target_index"].shape[1] < T - 1  # really fewer positions than the sequence
+  (want, (d_want, m_want)), (g_want, _) = FULL_VG(params, teacher, batch)
+  (got, (d_got, m_got)), (g_got, _) = FULL_VG(params, teacher, packed)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  assert float(d_got) == float(d_want) and float(m_got["distill_sequences"]) == float(m_want["distill_sequences"])
+  np.testing.assert_allclose(float(m_got["divergence_max"]), float(m_want["divergence_max"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  fn = jax.jit(ofsd_loss.ofsd_topk_loss_fn(CFG, block(top_k=K)))
+  (s_want, n_want, _), (s_got, n_got, _) = fn(params, batch, None), fn(params, packed, None)
+  np.testing.assert_allclose(float(s_got), float(s_want), rtol=1e-5)
+  assert float(n_got) == float(n_want) > 0
 
 
 def test_full_loss_needs_ref_params(models):

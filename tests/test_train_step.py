@@ -300,6 +300,43 @@ def test_microbatch_accumulation_is_exact(model, base_step, base_result):
   assert rel_err(delta(p4, params), delta(one, params)) < 1e-5
 
 
+def test_learner_rows_buckets_and_left_out_denominators():
+  adv = np.zeros(80, np.float32)
+  adv[np.arange(0, 75, 3)] = 1.0  # 25 rows with a nonzero advantage
+  mask = np.zeros((80, 12), np.int32)
+  for r in range(80):  # row r has r % 7 policy tokens from position 2 on
+    mask[r, 2:2 + r % 7] = 1
+  rows, extra = steps.learner_rows(adv, mask, "token-mean")
+  assert len(rows) == 40 and np.all(np.diff(rows) > 0)  # 25 rounded up to 2 x (80 / 4)
+  assert set(np.flatnonzero(adv)) <= set(rows)
+  left_out = np.setdiff1d(np.arange(80), rows)
+  assert extra[0] == mask[left_out, 1:].sum() and not extra[1:].any()
+  rows, extra = steps.learner_rows(adv, mask, "seq-mean-token-sum")
+  assert extra[0] == 40
+  rows, _ = steps.learner_rows(np.zeros(80), mask, "token-mean", multiple=8)  # 80 / 4 = 20 -> 24 (multiple of 8)
+  assert len(rows) == 24
+  rows, extra = steps.learner_rows(np.ones(80), mask, "token-mean")
+  assert len(rows) == 80 and not extra.any()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_left_out_zero_advantage_rows_give_the_same_update(model, agg):
+  params, _, batch, _ = model
+  batch = dict(batch, advantages=batch["advantages"] * np.array([0, 1, 0, 1, 0, 0, 1, 0], np.float32))
+  gs = build(kl_coef=0.0, agg=agg)
+  want_p, want_m = run_steps(gs, params, None, batch)
+  rows, extra = steps.learner_rows(batch["advantages"], batch["loss_mask"], agg, buckets=B)
+  assert len(rows) == 3
+  sub = dict({k: v[rows] for k, v in batch.items()}, denominator_extra=extra)
+  got_p, got_m = run_steps(gs, params, None, sub)
+  for k in ("loss", "denominator", "grad_norm"):
+    np.testing.assert_allclose(got_m[0][k], want_m[0][k], rtol=1e-5, err_msg=k)
+  assert rel_err(delta(got_p, params), delta(want_p, params)) < 1e-5
+  if agg == "token-mean":  # the left-out rows' denominator matters
+    _, without_m = run_steps(gs, params, None, dict(sub, denominator_extra=np.zeros_like(extra)))
+    assert abs(without_m[0]["grad_norm"] / want_m[0]["grad_norm"] - 1) > 0.1
+
+
 def test_sharded_step_equals_single_device(model, base_result):
   params, ref, batch, _ = model
   p_single, m_single = base_result

@@ -33,5 +33,9 @@ def get() -> ml_collections.ConfigDict:
   # Step execution.
   c.num_microbatches = 1  # gradient accumulation: the step batch runs as this many micro-batches (exact)
   c.logprob_chunk_size = 128  # time steps projected to the vocabulary at once in the chunked log-prob path
+  # Without a KL term (kl_coef 0), rows with advantage 0 add nothing to the loss or its gradient: the learner
+  # leaves them out and still counts them in the denominator (same update, less compute). Applies with one
+  # mini-batch per rollout batch on one process; the step metrics then cover the rows the learner saw.
+  c.skip_zero_advantage_rows = True
   c.log_entropy = False  # also log the policy entropy (one more softmax reduction per chunk)
   return c

@@ -77,6 +77,19 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k
   return jnp.exp(-d) + d - 1.0
 
 
+def row_denominators(mask: jax.Array, agg: str) -> jax.Array:
+  """Each row's share of policy_loss's denominator, [B, T] mask -> [B] float32: its masked-token count
+  ('token-mean'), 1 if it has a masked token ('seq-mean-token-mean'), 1 ('seq-mean-token-sum')."""
+  if agg not in AGG_MODES:
+    raise ValueError(f"row_denominators: agg={agg!r}, expected one of {AGG_MODES}")
+  counts = jnp.sum(jnp.asarray(mask) != 0, axis=1).astype(jnp.float32)
+  if agg == "token-mean":
+    return counts
+  if agg == "seq-mean-token-mean":
+    return (counts > 0).astype(jnp.float32)
+  return jnp.ones_like(counts)
+
+
 def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                 clip_eps: float = 0.2, clip_eps_high: float | None = None, ref_logprobs: jax.Array | None = None,
                 kl_coef: float = 0.0, kl_estimator: str = "k3", agg: str = "token-mean",
@@ -165,13 +178,11 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
 
   tokens_per_seq = m.sum(axis=1)
   seq_has_tokens = (tokens_per_seq > 0).astype(f32)
-  if agg == "token-mean":
-    loss_sum, denom = per_token.sum(), m.sum()
-  elif agg == "seq-mean-token-mean":
+  denom = row_denominators(m, agg).sum()
+  if agg == "seq-mean-token-mean":
     loss_sum = jnp.sum(per_token.sum(axis=1) / jnp.maximum(tokens_per_seq, 1.0))
-    denom = seq_has_tokens.sum()
   else:
-    loss_sum, denom = per_token.sum(), jnp.asarray(shape[0], f32)
+    loss_sum = per_token.sum()
 
   # Metrics never carry gradient.
   sg = jax.lax.stop_gradient

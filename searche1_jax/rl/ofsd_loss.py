@@ -15,6 +15,8 @@ Batch fields
                                                        (clipped to >= 0; only positions that predict a distilled
                                                        token matter)
   sd_weight                              [B]          on-policy only: per-token weight of a row's SD term (0 = off)
+  target_index, target_valid             [B, K]       offline, optional: packed_targets(distill_mask), the
+                                                       distilled positions; the losses then project only those
 
 The teacher is always under stop-gradient. No [B, T, V] array exists: the divergences run from hidden states in
 rematerialized time chunks (`rl.ofsd.chunked_*`, `rl.logprobs.chunked_time_map`).
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from searche1_jax.models import qwen2
-from searche1_jax.rl import ofsd
+from searche1_jax.rl import grpo, ofsd
 from searche1_jax.rl.logprobs import chunked_time_map
 from searche1_jax.train import steps
 
@@ -113,16 +115,41 @@ def student_hidden(params, cfg: qwen2.Qwen2Config, batch) -> jax.Array:
   return qwen2.hidden_states(params, cfg, tokens[:, :-1], attention_mask=batch["attention_mask"][:, :-1])
 
 
-def aligned_teacher_hidden(teacher_params, cfg: qwen2.Qwen2Config, batch) -> jax.Array:
+def aligned_teacher_hidden(teacher_params, cfg: qwen2.Qwen2Config, batch, index: jax.Array | None = None) -> jax.Array:
   """[B, T-1, D] teacher hidden states at the positions aligned with student inputs 0..T-2, stop-gradient.
 
-  The teacher hidden at teacher_pos[t] predicts the teacher token aligned with student token t+1.
+  The teacher hidden at teacher_pos[t] predicts the teacher token aligned with student token t+1. With `index`
+  [B, K] (student input positions, see distilled_positions) only those K positions: [B, K, D].
   """
   teacher_params = jax.lax.stop_gradient(teacher_params)
   h = qwen2.hidden_states(teacher_params, cfg, batch["teacher_tokens"].astype(jnp.int32),
                           attention_mask=batch["teacher_attention_mask"])
-  idx = jnp.clip(batch["teacher_pos"][:, :-1].astype(jnp.int32), 0, h.shape[1] - 1)
+  pos = batch["teacher_pos"][:, :-1].astype(jnp.int32)
+  if index is not None:
+    pos = jnp.take_along_axis(pos, index, axis=1)
+  idx = jnp.clip(pos, 0, h.shape[1] - 1)
   return jax.lax.stop_gradient(jnp.take_along_axis(h, idx[..., None], axis=1))
+
+
+def distilled_positions(batch) -> tuple[jax.Array | None, jax.Array]:
+  """(index, mask) of the student input positions that carry the loss.
+
+  Without batch['target_index'] (agent.trajectory.packed_targets(distill_mask)): index None and mask =
+  distill_mask[:, 1:] [B, T-1]. With it: index = target_index [B, K] and mask [B, K], so the losses gather K
+  hidden states per row and project only those onto the vocabulary (same sums).
+  """
+  mask = batch["distill_mask"][:, 1:].astype(bool)
+  if "target_index" not in batch:
+    return None, mask
+  index = batch["target_index"].astype(jnp.int32)
+  return index, batch["target_valid"].astype(bool) & jnp.take_along_axis(mask, index, axis=1)
+
+
+def _gather(x: jax.Array, index: jax.Array | None) -> jax.Array:
+  """x [B, T, ...] at index [B, K] along time -> [B, K, ...] (x itself when index is None)."""
+  if index is None:
+    return x
+  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _chunk_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
@@ -182,9 +209,10 @@ def ofsd_topk_loss_fn(cfg: qwen2.Qwen2Config, ofsd_block):
   def loss_fn(params, batch, ref_params):
     del ref_params
     _require(batch, fields, "ofsd top-k loss")
-    h = student_hidden(params, cfg, batch)
-    mask = batch["distill_mask"][:, 1:].astype(bool)
-    div = ofsd.chunked_topk_divergence(batch["teacher_topk_ids"][:, 1:], batch["teacher_topk_logprobs"][:, 1:],
+    index, mask = distilled_positions(batch)
+    h = _gather(student_hidden(params, cfg, batch), index)
+    div = ofsd.chunked_topk_divergence(_gather(batch["teacher_topk_ids"][:, 1:], index),
+                                       _gather(batch["teacher_topk_logprobs"][:, 1:], index),
                                        h, qwen2.head_kernel(params, cfg), mask, o.chunk_size, o.kind, o.beta,
                                        temperature=o.temperature)
     return div.sum(), mask.astype(f32).sum(), _metrics(div, mask)
@@ -204,9 +232,9 @@ def ofsd_full_loss_fn(cfg: qwen2.Qwen2Config, ofsd_block):
       raise ValueError("ofsd full loss: the teacher snapshot must be the state's ref_params (build the train step "
                        "with with_ref_params=True and init_state(params, teacher_params))")
     _require(batch, fields, "ofsd full loss")
-    th = aligned_teacher_hidden(ref_params, cfg, batch)
-    sh = student_hidden(params, cfg, batch)
-    mask = batch["distill_mask"][:, 1:].astype(bool)
+    index, mask = distilled_positions(batch)
+    th = aligned_teacher_hidden(ref_params, cfg, batch, index)
+    sh = _gather(student_hidden(params, cfg, batch), index)
     div = chunked_pair_divergence(th, qwen2.head_kernel(ref_params, cfg), sh, qwen2.head_kernel(params, cfg), mask,
                                   chunk_size=o.chunk_size, kind=o.kind, beta=o.beta, top_k=None,
                                   temperature=o.temperature)
@@ -264,15 +292,7 @@ def grpo_sd_loss_fn(cfg: qwen2.Qwen2Config, grpo_block, ofsd_block):
 
 def grpo_denominator(loss_mask: np.ndarray, agg: str) -> float:
   """The GRPO denominator of a whole batch (host side; matches grpo.policy_loss over loss_mask[:, 1:])."""
-  m = np.asarray(loss_mask)[:, 1:] != 0
-  if agg == "token-mean":
-    return float(m.sum())
-  if agg == "seq-mean-token-mean":
-    return float(m.any(axis=1).sum())
-  if agg == "seq-mean-token-sum":
-    return float(m.shape[0])
-  raise ValueError(f"grpo_denominator: agg={agg!r}, expected 'token-mean', 'seq-mean-token-mean' or "
-                   "'seq-mean-token-sum'")
+  return float(np.asarray(grpo.row_denominators(np.asarray(loss_mask)[:, 1:], agg)).sum())
 
 
 def sd_weights(loss_mask: np.ndarray, distill_mask: np.ndarray, active: np.ndarray, agg: str) -> np.ndarray:

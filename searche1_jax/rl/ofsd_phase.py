@@ -505,7 +505,8 @@ def make_batch(buffer: OfsdBuffer, indices: Sequence[int], rows: int,
   Rows past len(indices) repeat the first pair with an all-zero distill mask (real tokens, no loss). Top-k
   buffers give teacher_topk_ids / teacher_topk_logprobs [rows, T, k] aligned with the student tokens;
   full-vocabulary buffers give teacher_tokens / teacher_attention_mask [rows, Tt] and teacher_pos [rows, T].
-  T and Tt are bucket lengths (powers of two, or pad_to).
+  target_index / target_valid [rows, K] name the distilled positions (packed_targets), so the losses project
+  only those. T and Tt are bucket lengths (powers of two, or pad_to).
   """
   indices = [int(i) for i in indices]
   if not indices or len(indices) > rows:
@@ -544,6 +545,7 @@ def make_batch(buffer: OfsdBuffer, indices: Sequence[int], rows: int,
       t_tokens[r, :tid.shape[0]] = tid
       t_att[r, :tid.shape[0]] = 1
       t_pos[r, :n] = np.maximum(buffer.teacher_pos(i), 0)
+  batch.update(trajectory_lib.packed_targets(dmask))
   return batch
 
 

@@ -216,6 +216,14 @@ class Trainer:
                                      lr_schedule=optim.make_schedule(config.optim, total_updates),
                                      **self._on_policy_kwargs())
     o = self.grpo.options
+    # Zero-advantage rows add nothing to the loss or its gradient without a KL term: the learner skips them (the
+    # denominator still counts them, so the update is the same; steps.learner_rows). Needs one mini-batch per
+    # rollout batch (several would split a different set of rows), and one process (hosts would pick different
+    # row counts).
+    self.skip_zero_advantage = (bool(config.grpo.skip_zero_advantage_rows) and not o.uses_ref
+                                and not self._on_policy_kwargs() and jax.process_count() == 1
+                                and int(t.mini_batch_prompts) == int(t.prompts_per_step))
+    self.batch_multiple = int(o.num_microbatches) * steps.batch_axes_size(self.mesh, self.rules)
     # 'precompute' reference mode: the frozen reference lives outside the train state (on the host if asked).
     self.ref_params = (self.grpo.place_ref_params(self.init_params)
                        if o.uses_ref and o.ref_logprobs == "precompute" else None)
@@ -376,14 +384,20 @@ class Trainer:
     adv = np.asarray(grpo_math.group_advantages(jnp.asarray(rewards), self.group_size,
                                                 estimator=self.config.grpo.estimator,
                                                 eps=float(self.config.grpo.adv_eps)))
-    batch = trajectory_lib.to_batch(trajs, adv, pad_id=self.pad_id)
+    rows = np.arange(len(trajs))
+    if self.skip_zero_advantage:
+      full_mask = trajectory_lib.to_batch(trajs, adv, pad_id=self.pad_id)["loss_mask"]
+      rows, extra = steps.learner_rows(adv, full_mask, self.grpo.options.agg, multiple=self.batch_multiple)
+    batch = trajectory_lib.to_batch([trajs[i] for i in rows], adv[rows], pad_id=self.pad_id)
+    if self.skip_zero_advantage:
+      batch["denominator_extra"] = extra
     if self._on_policy_kwargs():
       from searche1_jax.train import ofsd_runner
       batch.update(ofsd_runner.on_policy_batch(trajs, self.group_size, self.tokenizer, self.config,
                                                self.cursor.global_step, batch=batch))
     t0 = time.perf_counter()
     prepared = self.grpo.prepare_batch(self.state, batch, self.ref_params)
-    n = len(trajs)
+    n = len(rows)
     per_update = n * int(t.mini_batch_prompts) // int(t.prompts_per_step) if self.updates_per_step > 1 else n
     order = np.arange(n)
     step_metrics = []
@@ -398,6 +412,7 @@ class Trainer:
     self.timings["learner"] += time.perf_counter() - t0
     out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[-1]}
     out.update(rollout_summary(trajs, res.stats))
+    out["learner_rows"] = float(n)
     out["zero_std_groups"] = float(grpo_math.zero_std_group_fraction(jnp.asarray(rewards), self.group_size))
     out["time_learner_s"] = time.perf_counter() - t0
     self.last_trajs = trajs

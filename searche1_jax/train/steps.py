@@ -32,6 +32,8 @@ GRPO batch format (the rollout produces it from trajectories; B sequences of T t
   target_index, target_valid [B, K] int32 optional (agent.trajectory.packed_targets(loss_mask)): the scored
                                   target positions packed per row; with them only K positions per row get the
                                   vocabulary projection (same results)
+  denominator_extra [B] float32   optional: added to the loss denominator (summed over rows); carries the
+                                  shares of zero-advantage rows left out by `learner_rows` (same update)
 All per-token arrays are aligned with `tokens`: entry t belongs to token t. The step scores
 targets = tokens[:, 1:] from inputs = tokens[:, :-1] and uses loss_mask[:, 1:] (token 0 is never a target).
 The retrieved-passage mask of a trajectory IS the loss mask: no loss, KL or metric on tokens the policy did not
@@ -115,7 +117,7 @@ def finalize_metrics(metrics: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- micro-batches
 
 
-def _batch_axes_size(mesh: Mesh, rules) -> int:
+def batch_axes_size(mesh: Mesh, rules) -> int:
   spec = shd.logical_to_mesh(("batch",), rules)[0]
   axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
   return math.prod(mesh.shape[a] for a in axes)
@@ -123,7 +125,7 @@ def _batch_axes_size(mesh: Mesh, rules) -> int:
 
 def check_batch_size(batch_size: int, num_microbatches: int, mesh: Mesh | None, rules=shd.DEFAULT_RULES):
   """Raise a clear error unless B splits into equal micro-batches that each spread over the data axes."""
-  dp = 1 if mesh is None else _batch_axes_size(mesh, rules)
+  dp = 1 if mesh is None else batch_axes_size(mesh, rules)
   if num_microbatches < 1:
     raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
   if batch_size % (num_microbatches * dp):
@@ -484,6 +486,8 @@ def grpo_loss_fn(cfg: qwen2.Qwen2Config, grpo_block) -> LossFn:
         logp, old, batch["advantages"], mask, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
         ref_logprobs=ref, kl_coef=o.kl_coef, kl_estimator=o.kl_estimator, agg=o.agg, entropy=entropy,
         importance_weights=weights)
+    if "denominator_extra" in batch:  # the denominator shares of rows left out of the batch (learner_rows)
+      denom = denom + jnp.sum(batch["denominator_extra"].astype(jnp.float32))
     n = pm["tokens"]
     metrics = {
         "tokens": n,
@@ -519,6 +523,34 @@ def lm_loss_fn(cfg: qwen2.Qwen2Config, chunk_size: int = 128) -> LossFn:
     return loss_sum, n, {"tokens": n, "nll": (jax.lax.stop_gradient(loss_sum), n)}
 
   return loss_fn
+
+
+def learner_rows(advantages: np.ndarray, loss_mask: np.ndarray, agg: str, multiple: int = 1,
+                 buckets: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """Host side: the rows of a GRPO batch the learner must see, and the denominator they must carry.
+
+  Without a KL term, a row whose advantage is 0 adds exactly 0 to the clipped loss and to its gradient; it only
+  counts in the denominator. So the step may run on the other rows plus `denominator_extra` = the left-out rows'
+  shares (grpo.row_denominators) and give the same update. The row count is rounded up, with zero-advantage
+  rows, to one of `buckets` sizes (B/buckets, 2B/buckets, ..., B, each a multiple of `multiple`: the data-parallel
+  size x micro-batches), so the step compiles for few shapes.
+
+  advantages: [B]; loss_mask: [B, T] (the batch's, aligned with tokens). Returns (rows [R] int, sorted,
+  denominator_extra [R] float32: the left-out rows' total on the first row, 0 elsewhere).
+  """
+  adv = np.asarray(advantages).reshape(-1)
+  b = adv.shape[0]
+  quantum = -(-max(b // buckets, 1) // multiple) * multiple
+  nonzero = np.flatnonzero(adv != 0)
+  size = min(max(-(-len(nonzero) // quantum), 1) * quantum, b)
+  zero = np.flatnonzero(adv == 0)
+  rows = np.sort(np.concatenate([nonzero, zero[:size - len(nonzero)]]))
+  if size == b:
+    return np.arange(b), np.zeros(b, np.float32)
+  left_out = np.setdiff1d(np.arange(b), rows)
+  extra = np.zeros(len(rows), np.float32)
+  extra[0] = float(np.asarray(grpo.row_denominators(np.asarray(loss_mask)[left_out, 1:], agg)).sum())
+  return rows, extra
 
 
 # ----------------------------------------------------------------------------------------------- GRPO wiring
