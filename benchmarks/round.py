@@ -1,11 +1,14 @@
-"""Wall time of one self-evolution round of the demo config, split by phase; prints one JSON line.
+"""Wall time of a self-evolution round of the demo config, split by phase; prints one JSON line.
 
-  python benchmarks/round.py [--config configs/demo.py] [--workdir /tmp/round_bench]
+  python benchmarks/round.py [--config configs/demo.py] [--workdir /tmp/round_bench] [--rounds 2]
 
-Builds (or reuses) the demo's cached artifacts, then runs exactly one round of `searche1_jax.train.loop.run`
-(GRPO steps, the OFSD phase, the evaluation) from a fresh workdir and reads the round's `timings` from
-results.json. Targets (issue #8): the OFSD phase adds <= 15% to a round's time, and retrieval takes <= 10% of
-rollout time. Compilation is included (it is part of what a round costs on a fresh process); the JSON says so.
+Builds (or reuses) the demo's cached artifacts, then runs `--rounds` rounds of `searche1_jax.train.loop.run`
+(GRPO steps, the OFSD phase, the evaluation) from a fresh workdir and reads each round's `timings` from
+results.json. Targets (issue #8), judged on the last round (round 1 also pays for compilation; later rounds reuse
+the compiled programs): the OFSD phase (its rollouts and retrieval, teacher targets, student updates) adds <= 15%
+to the round's time without it, and retrieval takes <= 10% of rollout time (sampling + retrieval). The post-phase
+greedy rollouts (`ofsd.post_phase_rollouts`, a diagnostic like the evaluation) are reported but not counted as
+OFSD cost.
 """
 from __future__ import annotations
 
@@ -18,14 +21,30 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-OFSD_KEYS = ("ofsd_rollout", "ofsd_retrieval", "ofsd_targets", "ofsd_learner", "ofsd_post_rollout",
-             "ofsd_post_retrieval")
+OFSD_KEYS = ("ofsd_rollout", "ofsd_retrieval", "ofsd_targets", "ofsd_learner")
+DIAGNOSTIC_KEYS = ("ofsd_post_rollout", "ofsd_post_retrieval", "eval")
+
+
+def split(entries: list[dict]) -> dict:
+  """One round's phase timings (the 'grpo' and 'ofsd' results entries of that round summed) and its ratios."""
+  t: dict[str, float] = {}
+  for e in entries:
+    for k, v in e.get("timings", {}).items():
+      t[k] = t.get(k, 0.0) + v
+  ofsd = sum(t.get(k, 0.0) for k in OFSD_KEYS)
+  rest = sum(v for k, v in t.items() if k not in OFSD_KEYS)
+  sampling = t.get("rollout", 0.0) + t.get("retrieval", 0.0)
+  return {"timings_s": {k: round(v, 2) for k, v in sorted(t.items())}, "round_s": round(ofsd + rest, 2),
+          "ofsd_s": round(ofsd, 2),
+          "ofsd_added_fraction": round(ofsd / max(rest, 1e-9), 4),  # OFSD time / the round's time without it
+          "retrieval_fraction_of_rollout": round(t.get("retrieval", 0.0) / max(sampling, 1e-9), 4)}
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/demo.py")
   p.add_argument("--workdir", default="/tmp/searche1_round_bench")
+  p.add_argument("--rounds", type=int, default=2)
   args = p.parse_args()
 
   from launch import demo
@@ -33,7 +52,7 @@ def main() -> None:
   from searche1_jax.train import loop
 
   config = config_utils.load_config(args.config)
-  config_utils.apply_overrides(config, {"train.num_rounds": 1, "train.eval_at_start": False,
+  config_utils.apply_overrides(config, {"train.num_rounds": args.rounds, "train.eval_at_start": False,
                                         "train.eval_after_grpo": False})
   log = demo.Log()
   world = demo.stage_world(config, log)
@@ -44,18 +63,19 @@ def main() -> None:
   t0 = time.perf_counter()
   results = loop.run(config, args.workdir)
   wall = time.perf_counter() - t0
-  timings = results["rounds"][-1]["timings"]
-  ofsd = sum(timings.get(k, 0.0) for k in OFSD_KEYS)
-  rollout, retrieval = timings.get("rollout", 0.0), timings.get("retrieval", 0.0)
-  accounted = sum(timings.values())
+  rounds = {}
+  for e in results["rounds"]:
+    rounds.setdefault(e["round"], []).append(e)
+  per_round = {r: split(es) for r, es in sorted(rounds.items())}
+  last = per_round[max(per_round)]
   out = {
-      "benchmark": "round", "config": args.config, "wall_s": round(wall, 2),
-      "timings_s": {k: round(v, 2) for k, v in sorted(timings.items())},
-      "ofsd_s": round(ofsd, 2),
-      "ofsd_added_fraction": round(ofsd / max(accounted - ofsd, 1e-9), 4),  # OFSD time / round time without it
-      "retrieval_fraction_of_rollout": round(retrieval / max(rollout + retrieval, 1e-9), 4),
+      "benchmark": "round", "config": args.config, "rounds": args.rounds, "wall_s": round(wall, 2),
+      "per_round": per_round,
+      "ofsd_added_fraction": last["ofsd_added_fraction"],
+      "retrieval_fraction_of_rollout": last["retrieval_fraction_of_rollout"],
       "targets": {"ofsd_added_fraction": 0.15, "retrieval_fraction_of_rollout": 0.10},
-      "includes_compilation": True, "load_avg": os.getloadavg(),
+      "met": {"ofsd": last["ofsd_added_fraction"] <= 0.15, "retrieval": last["retrieval_fraction_of_rollout"] <= 0.10},
+      "judged_on_round": max(per_round), "first_round_includes_compilation": True, "load_avg": os.getloadavg(),
   }
   print(json.dumps(out))
 

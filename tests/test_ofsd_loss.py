@@ -351,9 +351,11 @@ def test_grpo_denominator_matches_policy_loss():
   rng = np.random.default_rng(0)
   lm = (rng.random((5, 12)) < 0.4).astype(np.int32)
   lm[2] = 0
+  m = lm[:, 1:] != 0
+  want = {"token-mean": m.sum(), "seq-mean-token-mean": m.any(axis=1).sum(), "seq-mean-token-sum": 5}
   for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
     _, d, _ = grpo.policy_loss(jnp.zeros((5, 11)), jnp.zeros((5, 11)), jnp.zeros(5), lm[:, 1:], agg=agg)
-    assert ofsd_loss.grpo_denominator(lm, agg) == float(d)
+    assert ofsd_loss.grpo_denominator(lm, agg) == float(d) == float(want[agg])
   with pytest.raises(ValueError, match="agg"):
     ofsd_loss.grpo_denominator(lm, "mean")
 

@@ -120,6 +120,20 @@ def test_unknown_path_and_health(server):
     assert json.loads(r.read()) == {"status": "ok"}
 
 
+def test_repeated_queries_are_encoded_once_with_the_same_results(local, monkeypatch):
+  seen = []
+  encode = local.encoder.encode
+  monkeypatch.setattr(local.encoder, "encode", lambda texts, kind="query": seen.append(list(texts)) or encode(texts, kind))
+  q = QUERIES[:2]
+  got = local.retrieve([q[0], q[1], q[0], q[0]], 3)
+  assert seen == [[q[0], q[1]]]
+  alone = [local.retrieve([x], 3)[0] for x in (q[0], q[1])]
+  for g, w in zip(got, [alone[0], alone[1], alone[0], alone[0]]):
+    assert [p.id for p in g] == [p.id for p in w]
+    assert [p.score for p in g] == pytest.approx([p.score for p in w], abs=1e-5)
+  assert got[0] is not got[2]  # callers may edit their lists
+
+
 def test_http_retriever_against_our_server(server, local):
   cfg = retrieval_cfg()
   cfg.backend, cfg.url = "http", server.url

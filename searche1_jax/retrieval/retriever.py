@@ -23,12 +23,16 @@ class IndexRetriever:
     self.encoder, self.index, self.corpus = encoder, index, corpus
 
   def retrieve(self, queries: list[str], topk: int) -> list[list[Passage]]:
+    """Top-k passages per query. Repeated queries of one call (siblings often issue the same search) are
+    encoded and searched once; the result depends only on the call's queries, so runs stay reproducible."""
     check_queries(queries, topk)
     if not queries:
       return []
-    scores, ids = self.index.search(self.encoder.encode(list(queries), kind="query"), topk)
-    return [[dataclasses.replace(self.corpus[int(i)], score=float(s)) for s, i in zip(srow, irow) if i >= 0]
-            for srow, irow in zip(scores, ids)]
+    unique = list(dict.fromkeys(queries))
+    scores, ids = self.index.search(self.encoder.encode(unique, kind="query"), topk)
+    found = {q: [dataclasses.replace(self.corpus[int(i)], score=float(s)) for s, i in zip(srow, irow) if i >= 0]
+             for q, srow, irow in zip(unique, scores, ids)}
+    return [list(found[q]) for q in queries]
 
 
 def check_corpus(manifest: dict, corpus_path: str, count_lines: bool, where: str) -> None:
