@@ -263,7 +263,7 @@ def test_smoke_demo_end_to_end(tmp_path):
   # correctly, so it has no pairs and no student updates; tests/test_ofsd_phase.py covers phases with pairs).
   for phase in ("ofsd_buffer", "ofsd_end"):
     assert [r["round"] for r in rows if r["phase"] == phase] == list(range(1, config.train.num_rounds + 1))
-  assert all("post_em" in r for r in rows if r["phase"] == "ofsd_end")
+  assert all(("post_em" in r) == bool(config.ofsd.post_phase_rollouts) for r in rows if r["phase"] == "ofsd_end")
   assert [int(r["step"]) for r in rows] == sorted(int(r["step"]) for r in rows)
   tb = os.path.join(workdir, "tensorboard")
   assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(tb) for f in fs)
