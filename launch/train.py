@@ -96,6 +96,7 @@ def sync_config_file(workdir: str, config, *, allow_change: bool = False, write:
 
 def prepare(config, workdir: str, *, distributed: bool | None = None, allow_config_change: bool = False):
   """Steps 2-4 of the module docstring. Returns the config (validated)."""
+  config_utils.check_workdir(workdir)
   config_utils.validate_config(config)
   from searche1_jax import distributed as distributed_lib
   distributed_lib.maybe_initialize(config, force=distributed)

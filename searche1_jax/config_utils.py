@@ -567,3 +567,11 @@ def config_diff(saved: dict, current: dict, ignore: Sequence[str] = ()) -> list[
 
 def format_diff(diff: Sequence[tuple[str, Any, Any]]) -> str:
   return "\n".join(f"  {path}: saved {va!r} -> now {vb!r}" for path, va, vb in diff)
+
+
+def check_workdir(workdir: str) -> None:
+  """Raise ConfigError for a URL workdir. The round loop appends to metrics.jsonl and writes its results with plain
+  file I/O, so gs://bucket/run would silently become a local folder named 'gs:'."""
+  if "://" in str(workdir):
+    raise ConfigError(f"--workdir={workdir}: a URL is not supported; mount the bucket (e.g. with gcsfuse, see the "
+                      "README's Cloud TPU section) and pass the mounted path")

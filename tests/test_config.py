@@ -273,6 +273,11 @@ def test_train_cli_validates_saves_and_refuses_changed_resume(tmp_path):
   assert "--config.ofsd.kindd=jsd: unknown config field 'ofsd.kindd'" in r.stderr
   assert "did you mean 'ofsd.kind'" in r.stderr
 
+  r = _train("--config=configs/search_e1.py:mesh=v4-8", "--workdir=gs://bucket/run", "--validate_only")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "--workdir=gs://bucket/run: a URL is not supported; mount the bucket" in r.stderr
+  assert not os.path.exists("gs:")
+
   r = _train("--config=configs/search_e1.py:mesh=v4-8", f"--workdir={tmp_path}/other", "--validate_only",
              "--config.ofsd.kind=fkl", "--config.grpo.group_size=1")
   assert r.returncode == 2 and "Traceback" not in r.stderr

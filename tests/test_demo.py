@@ -288,3 +288,17 @@ def test_smoke_demo_end_to_end(tmp_path):
     assert stage in log2
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["rounds"] == rounds
+
+
+def test_extra_searches_on_correct_answers_remove_the_type_mix():
+  from types import SimpleNamespace
+  from launch import demo
+  world = SimpleNamespace(test_questions=[{"metadata": {"type": "single_hop", "hops": 1}},
+                                          {"metadata": {"type": "three_hop", "hops": 3}}])
+  # 4 correct single-hop answers with 1.5 searches each, 2 correct three-hop answers with 3 searches each.
+  types = {"single_hop": {"n": 8, "em": 0.5, "searches_correct": 1.5},
+           "three_hop": {"n": 4, "em": 0.5, "searches_correct": 3.0}}
+  assert demo._extra_searches_correct(types, world) == pytest.approx((4 * 0.5 + 2 * 0.0) / 6)
+  types["three_hop"]["em"] = 1.0  # more three-hop answers right: the plain mean rises, the extra searches fall
+  assert demo._extra_searches_correct(types, world) == pytest.approx(2.0 / 8)
+  assert demo._extra_searches_correct({"single_hop": {"n": 3, "em": 0.0, "searches_correct": 0.0}}, world) is None

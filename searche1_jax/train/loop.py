@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from searche1_jax import evaluation, models, sharding
+from searche1_jax import config_utils, evaluation, models, sharding
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
 from searche1_jax.rl import grpo as grpo_math
@@ -549,6 +549,7 @@ class Trainer:
 
 def run(config, workdir: str) -> dict:
   """Run (or resume) the experiment `config` in `workdir`; returns the results.json content."""
+  config_utils.check_workdir(workdir)
   quiet_orbax()
   trainer = Trainer(config, workdir)
   try:
