@@ -210,7 +210,8 @@ class Trainer:
     t = config.train
     self.group_size = int(config.grpo.group_size)
     self.updates_per_step = max(1, int(t.prompts_per_step) // int(t.mini_batch_prompts)) * int(t.ppo_epochs)
-    total_updates = int(t.num_rounds) * int(t.grpo_steps_per_round) * self.updates_per_step
+    # At least 1: with grpo_steps_per_round = 0 (OFSD phases only) the GRPO schedule exists but is never stepped.
+    total_updates = max(int(t.num_rounds) * int(t.grpo_steps_per_round) * self.updates_per_step, 1)
     self.grpo_tx = optim.make_optimizer(config.optim, total_updates)
     self.grpo = steps.make_grpo_step(self.model_cfg, config.grpo, self.grpo_tx, self.mesh, rules=self.rules,
                                      lr_schedule=optim.make_schedule(config.optim, total_updates),
