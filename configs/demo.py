@@ -68,6 +68,9 @@ def demo_block(cache: str) -> ml_collections.ConfigDict:
   c.tfds_dir = os.path.join(cache, "tfds")  # TFDS build of the world's questions
   c.tokenizer_transcripts_seed = 0  # seed of the transcript draw that the tokenizer is trained on
   c.progress = True  # progress bars (index build, evaluation)
+  # JAX's persistent compilation cache: a second run loads the compiled programs instead of compiling them again
+  # (on 2 CPU cores compilation is a large share of a short demo). "" = off.
+  c.compilation_cache_dir = os.path.join(cache, "jax_compilation_cache")
   return c
 
 

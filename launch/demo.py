@@ -181,6 +181,18 @@ def stage_warm_start(config, world, log: Log) -> dict:
   return info
 
 
+def enable_compilation_cache(config) -> str:
+  """Point JAX's persistent compilation cache at `demo.compilation_cache_dir` (call before anything compiles:
+  JAX reads the setting when it first compiles). Returns the directory, "" when off."""
+  d = config.demo.compilation_cache_dir
+  if d:
+    import jax
+    os.makedirs(d, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # only programs worth a file
+  return d
+
+
 def stage_train(config, workdir: str, log: Log) -> dict:
   """The round loop (evaluation at start, GRPO + OFSD rounds, evaluation after each)."""
   from searche1_jax.train import loop
@@ -295,6 +307,7 @@ def run_demo(config, workdir: str, *, out=None) -> dict:
   log = Log(out)
   t0 = time.perf_counter()
   log(f"config {config.name!r}, workdir {workdir}, artifacts cache {config.demo.cache_dir}")
+  enable_compilation_cache(config)
   world = stage_world(config, log)
   stage_tokenizer(config, world, log)
   stage_index(config, log)
