@@ -121,17 +121,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "train.num_rounds": 3, "train.grpo_steps_per_round": 10, "train.prompts_per_step": 16,
       "train.mini_batch_prompts": 16, "train.ppo_epochs": 1, "train.eval_at_start": True,
       "train.eval_every_rounds": 1, "train.eval_every_steps": 0, "train.eval_after_grpo": True,
-      # OFSD (Search-E1 defaults, smaller phase): one pass over the phase's pairs at lr 3e-4 (one seeded comparison: 2 passes at
-      # 1e-4 ended 0.050 EM lower and cost twice the updates). The evaluations after GRPO and after OFSD measure
-      # the phase's effect, so the post-phase greedy rollouts are off.
+      # OFSD (Search-E1 defaults, a small phase): 16 questions x 5 samples, one pass over the pairs at lr 3e-4.
+      # Measured (same seeds): 32 questions ended at EM 0.340 instead of 0.347 and made the phase 20% of a round
+      # (benchmarks/round.py; 11% with 16); 2 passes at lr 1e-4 ended 0.050 lower. The evaluations after GRPO and
+      # after OFSD measure the phase's effect, so the post-phase greedy rollouts are off.
       "ofsd.enabled": True, "ofsd.mode": "offline", "ofsd.kind": "forward_kl", "ofsd.top_k": 0,
-      "ofsd.group_size": 5, "ofsd.questions_per_phase": 32, "ofsd.epochs": 1, "ofsd.batch_size": 16,
-      "ofsd.num_microbatches": 1, "ofsd.optim.learning_rate": 3e-4, "ofsd.alpha": 0.1,
+      "ofsd.group_size": 5, "ofsd.questions_per_phase": 16, "ofsd.epochs": 1, "ofsd.batch_size": 16,
+      "ofsd.num_microbatches": 1, "ofsd.optim.learning_rate": 3e-4,
       "ofsd.warmup_steps": 0, "ofsd.post_phase_rollouts": False,
       # The teacher sees the efficient sibling's searches only (no passages, no answer), in the layout the warm
       # start's hinted transcripts taught the policy to follow. Shown the full trajectory with its answer, the
       # 0.7M-parameter teacher (never trained on such a context) was far from the student (KL 1.1 nats/token)
       # and distilling toward it collapsed the policy (EM 0.26 -> 0.09, 2.3 -> 0.8 searches): measured.
+      # The on-policy variant (--config.ofsd.mode=on_policy): alpha 0.01, no warm-up (alpha 0.1 collapsed the policy
+      # in round 2: no searches, EM 0; measured).
+      "ofsd.alpha": 0.01,
       "ofsd.context_format": "actions", "ofsd.context_answer": False, "ofsd.context_passages": False,
       "warm_start.hint_fraction": 0.3,
       # Checkpoints: only at phase ends (a CPU demo is short).
