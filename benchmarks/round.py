@@ -77,7 +77,8 @@ def main() -> None:
   per_round = {r: split(es) for r, es in sorted(rounds.items())}
   last = per_round[max(per_round)]
   out = {
-      "benchmark": "round", "config": args.config, "overrides": overrides, "rounds": args.rounds, "wall_s": round(wall, 2),
+      "benchmark": "round", "config": args.config, "overrides": overrides, "rounds": args.rounds,
+      "wall_s": round(wall, 2),
       "per_round": per_round,
       "ofsd_added_fraction": last["ofsd_added_fraction"],
       "retrieval_fraction_of_rollout": last["retrieval_fraction_of_rollout"],

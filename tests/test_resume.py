@@ -24,7 +24,7 @@ OVERRIDES = [
     # resuming must restore params, optimizer step, data and RNG exactly; small enough to keep the policy's answers.
     "--config.optim.weight_decay=1.0", "--config.optim.learning_rate=0.0001",
     # A policy that answers some training questions: OFSD needs a correct sibling in a group to form pairs.
-    "--config.warm_start.steps=300", "--config.warm_start.hint_fraction=0.0", "--config.warm_start.pad_multiple=128",
+    "--config.warm_start.steps=200", "--config.warm_start.hint_fraction=0.0", "--config.warm_start.pad_multiple=128",
     "--config.model.hidden_size=64",
     "--config.model.intermediate_size=128", "--config.model.num_layers=2", "--config.model.num_heads=4",
     "--config.model.num_kv_heads=2", "--config.protocol.max_response_length=32",
@@ -38,9 +38,12 @@ def _config_arg(cache):
   return f"configs/demo.py:smoke,cache={cache}"
 
 
-def _env():
+def _env(cache=None):
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device, as the demo runs
+  if cache:  # the runs share JAX's persistent compilation cache: later lives load what the first one compiled
+    env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(cache, "jax_compilation_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return env
 
 
@@ -73,9 +76,9 @@ def _results(workdir):
   return [{k: v for k, v in e.items() if not k.startswith(TIMING_KEYS)} for e in rounds]
 
 
-def _run_until(cmd, workdir, predicate, timeout=600):
+def _run_until(cmd, workdir, predicate, env, timeout=600):
   """Start cmd; SIGKILL it as soon as predicate(metrics rows) holds. Returns True if it was killed."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + timeout
   path = os.path.join(workdir, "metrics.jsonl")
   try:
@@ -99,7 +102,8 @@ def _run_until(cmd, workdir, predicate, timeout=600):
 @pytest.mark.slow
 def test_sigkill_mid_round_and_mid_ofsd_resumes_identically(cache, tmp_path):
   ref_dir = str(tmp_path / "uninterrupted")
-  subprocess.run(_train_cmd(cache, ref_dir), cwd=REPO, env=_env(), check=True, timeout=900,
+  env = _env(cache)
+  subprocess.run(_train_cmd(cache, ref_dir), cwd=REPO, env=env, check=True, timeout=900,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   want = _rows(ref_dir)
   assert [r["phase"] for r in want].count("grpo") == 3
@@ -113,12 +117,15 @@ def test_sigkill_mid_round_and_mid_ofsd_resumes_identically(cache, tmp_path):
 
   work = str(tmp_path / "killed")
   cmd = _train_cmd(cache, work)
-  assert _run_until(cmd, work, lambda rows: any(r["phase"] == "grpo" and r["step"] == 2 for r in rows))
+  assert _run_until(cmd, work, lambda rows: any(r["phase"] == "grpo" and r["step"] == 2 for r in rows), env)
   assert len(_rows(work)) < len(want)
   # Second life: killed after the first OFSD update (the phase's buffer and targets are in the checkpoint).
-  assert _run_until(cmd, work, lambda rows: any(r["phase"] == "ofsd" and r["step"] == first_ofsd for r in rows))
+  def first_ofsd_done(rows):
+    return any(r["phase"] == "ofsd" and r["step"] == first_ofsd for r in rows)
+
+  assert _run_until(cmd, work, first_ofsd_done, env)
   assert not any(r["phase"] == "ofsd_end" for r in _rows(work))
-  _run_until(cmd, work, lambda rows: False)
+  _run_until(cmd, work, lambda rows: False, env)
 
   assert _rows(work) == want
   assert _results(work) == _results(ref_dir)

@@ -123,7 +123,11 @@ def test_unknown_path_and_health(server):
 def test_repeated_queries_are_encoded_once_with_the_same_results(local, monkeypatch):
   seen = []
   encode = local.encoder.encode
-  monkeypatch.setattr(local.encoder, "encode", lambda texts, kind="query": seen.append(list(texts)) or encode(texts, kind))
+  def recording(texts, kind="query"):
+    seen.append(list(texts))
+    return encode(texts, kind)
+
+  monkeypatch.setattr(local.encoder, "encode", recording)
   q = QUERIES[:2]
   got = local.retrieve([q[0], q[1], q[0], q[0]], 3)
   assert seen == [[q[0], q[1]]]
