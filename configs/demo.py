@@ -122,8 +122,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "train.mini_batch_prompts": 16, "train.ppo_epochs": 1, "train.eval_at_start": True,
       "train.eval_every_rounds": 1, "train.eval_every_steps": 0, "train.eval_after_grpo": True,
       # OFSD (Search-E1 defaults, a small phase): 16 questions x 5 samples, one pass over the pairs at lr 3e-4.
-      # Measured (same seeds): 32 questions ended at EM 0.340 instead of 0.347 and made the phase 20% of a round
-      # (benchmarks/round.py; 11% with 16); 2 passes at lr 1e-4 ended 0.050 lower. The evaluations after GRPO and
+      # Measured (same seeds): 32 questions ended at EM 0.340 instead of 0.347 and made the phase add 20% to a
+      # round (benchmarks/round.py; 12.6% with 16); 2 passes at lr 1e-4 ended 0.050 lower. The evaluations after GRPO and
       # after OFSD measure the phase's effect, so the post-phase greedy rollouts are off.
       "ofsd.enabled": True, "ofsd.mode": "offline", "ofsd.kind": "forward_kl", "ofsd.top_k": 0,
       "ofsd.group_size": 5, "ofsd.questions_per_phase": 16, "ofsd.epochs": 1, "ofsd.batch_size": 16,
