@@ -326,7 +326,8 @@ def test_left_out_zero_advantage_rows_give_the_same_update(model, agg):
   batch = dict(batch, advantages=batch["advantages"] * np.array([0, 1, 0, 1, 0, 0, 1, 0], np.float32))
   gs = build(kl_coef=0.0, agg=agg)
   want_p, want_m = run_steps(gs, params, None, batch)
-  rows, extra = steps.learner_rows(batch["advantages"], batch["loss_mask"], agg, buckets=B)
+  rows, extra = steps.learner_rows(batch["advantages"], batch["loss_mask"], agg, buckets=B, min_rows=1)
+  assert len(steps.learner_rows(batch["advantages"], batch["loss_mask"], agg)[0]) == B  # small: kept whole
   assert len(rows) == 3
   sub = dict({k: v[rows] for k, v in batch.items()}, denominator_extra=extra)
   got_p, got_m = run_steps(gs, params, None, sub)

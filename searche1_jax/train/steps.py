@@ -526,21 +526,22 @@ def lm_loss_fn(cfg: qwen2.Qwen2Config, chunk_size: int = 128) -> LossFn:
 
 
 def learner_rows(advantages: np.ndarray, loss_mask: np.ndarray, agg: str, multiple: int = 1,
-                 buckets: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                 buckets: int = 4, min_rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
   """Host side: the rows of a GRPO batch the learner must see, and the denominator they must carry.
 
   Without a KL term, a row whose advantage is 0 adds exactly 0 to the clipped loss and to its gradient; it only
   counts in the denominator. So the step may run on the other rows plus `denominator_extra` = the left-out rows'
   shares (grpo.row_denominators) and give the same update. The row count is rounded up, with zero-advantage
   rows, to one of `buckets` sizes (B/buckets, 2B/buckets, ..., B, each a multiple of `multiple`: the data-parallel
-  size x micro-batches), so the step compiles for few shapes.
+  size x micro-batches), so the step compiles for few shapes. A size is at least `min_rows`: a small batch is not
+  worth a compilation per row count and is kept whole.
 
   advantages: [B]; loss_mask: [B, T] (the batch's, aligned with tokens). Returns (rows [R] int, sorted,
   denominator_extra [R] float32: the left-out rows' total on the first row, 0 elsewhere).
   """
   adv = np.asarray(advantages).reshape(-1)
   b = adv.shape[0]
-  quantum = -(-max(b // buckets, 1) // multiple) * multiple
+  quantum = -(-max(b // buckets, min_rows, 1) // multiple) * multiple
   nonzero = np.flatnonzero(adv != 0)
   size = min(max(-(-len(nonzero) // quantum), 1) * quantum, b)
   zero = np.flatnonzero(adv == 0)
