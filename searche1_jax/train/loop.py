@@ -385,13 +385,13 @@ class Trainer:
     adv = np.asarray(grpo_math.group_advantages(jnp.asarray(rewards), self.group_size,
                                                 estimator=self.config.grpo.estimator,
                                                 eps=float(self.config.grpo.adv_eps)))
+    batch = trajectory_lib.to_batch(trajs, adv, pad_id=self.pad_id)
     rows = np.arange(len(trajs))
     if self.skip_zero_advantage:
-      full_mask = trajectory_lib.to_batch(trajs, adv, pad_id=self.pad_id)["loss_mask"]
-      rows, extra = steps.learner_rows(adv, full_mask, self.grpo.options.agg, multiple=self.batch_multiple)
-    batch = trajectory_lib.to_batch([trajs[i] for i in rows], adv[rows], pad_id=self.pad_id)
-    if self.skip_zero_advantage:
-      batch["denominator_extra"] = extra
+      rows, extra = steps.learner_rows(adv, batch["loss_mask"], self.grpo.options.agg, multiple=self.batch_multiple)
+      if len(rows) < len(trajs):  # rebuilt from the kept rows: their own (often shorter) length bucket
+        batch = trajectory_lib.to_batch([trajs[i] for i in rows], adv[rows], pad_id=self.pad_id)
+        batch["denominator_extra"] = extra
     if self._on_policy_kwargs():
       from searche1_jax.train import ofsd_runner
       batch.update(ofsd_runner.on_policy_batch(trajs, self.group_size, self.tokenizer, self.config,
