@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per CPU core, at most 4 (each holds its own jax, torch and compiled programs).
+# A file's tests share one process (--dist loadfile), so module fixtures are built once.
+TEST_WORKERS ?= auto
 DEMO_CONFIG ?= configs/demo.py
 DEMO_WORKDIR ?= workdirs/demo
 
@@ -31,7 +34,7 @@ demo: $(VENV)/.installed
 	$(PY) -m launch.demo --config $(DEMO_CONFIG) --workdir $(DEMO_WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

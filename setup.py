@@ -27,6 +27,6 @@ setuptools.setup(
     ],
     extras_require={
         # torch only for parity tests and side-by-side benchmarks, never in the package.
-        "test": ["pytest>=8", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
     },
 )

@@ -146,6 +146,10 @@ def test_each_kind_behaves_as_described(world, records):
       assert dup and rec.retrieved[dup[0]] == rec.retrieved[dup[0] + 1]
       hops = list(range(dup[0] + 1)) + list(range(dup[0], len(plan)))
       assert all(gold[h] in shown for h, shown in zip(hops, rec.retrieved))
+    elif rec.kind == "verify":
+      assert len(rec.searches) == len(plan) + 1 and all(found) and correct
+      assert rec.searches[-1] != rec.searches[-2] and gold[-1] in rec.retrieved[-1]  # last hop, other words
+      assert "double-check" in rec.segments[-3][0] and "double-check" not in rec.segments[-1][0]
     elif rec.kind == "vague":
       assert len(rec.searches) == len(plan) + 1 and correct
       i = found.index(False) if False in found else len(plan)
@@ -165,7 +169,7 @@ def test_each_kind_behaves_as_described(world, records):
 
 def test_mix_rates_are_respected(world):
   cfg = small_world_cfg().transcripts
-  cfg.rates = {"efficient": 0.5, "redundant": 0.1, "vague": 0.2, "premature": 0.15, "wrong": 0.05}
+  cfg.rates = {"efficient": 0.4, "redundant": 0.1, "verify": 0.1, "vague": 0.2, "premature": 0.15, "wrong": 0.05}
   cfg.per_question = 2
   qs = world.train_questions[:700]
   recs = tr.make_transcript_records(world, qs, np.random.default_rng(0), cfg)
@@ -176,7 +180,7 @@ def test_mix_rates_are_respected(world):
   assert collections.Counter(r.question_id for r in recs) == {q["id"]: 2 for q in qs}
   # Kinds are shuffled over questions, not in blocks.
   first = collections.Counter(r.kind for r in recs[:200])
-  assert len(first) == 5
+  assert len(first) == 6
 
 
 def test_only_training_questions_and_deterministic(world):

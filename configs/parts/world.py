@@ -35,11 +35,13 @@ def get() -> ml_collections.ConfigDict:
 
   t = ml_collections.ConfigDict()
   # Share of each transcript kind (normalized; exact counts by largest remainder):
-  # efficient = the ideal plan; redundant = one search repeated verbatim; vague = one query
-  # that only finds look-alikes, then a precise follow-up; premature = answers before the
-  # last hop (a guess, mostly wrong); wrong = searches fully, then answers from a distractor.
+  # efficient = the ideal plan; redundant = one search repeated verbatim; verify = the plan, then
+  # the last hop searched again in other words "to double-check" (never changes the answer; off
+  # by default: GRPO alone removed it, see the README's demo section); vague = one query that
+  # only finds look-alikes, then a precise follow-up; premature = answers before the last hop (a
+  # guess, mostly wrong); wrong = searches fully, then answers from a distractor.
   t.rates = ml_collections.ConfigDict(
-      dict(efficient=0.4, redundant=0.15, vague=0.15, premature=0.15, wrong=0.15))
+      dict(efficient=0.4, redundant=0.15, verify=0.0, vague=0.15, premature=0.15, wrong=0.15))
   # Transcripts per training question (each with its own kind).
   t.per_question = 1
   # Passages shown per search (keep equal to protocol.topk).

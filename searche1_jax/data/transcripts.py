@@ -8,6 +8,9 @@ No EOS is appended (the trainer adds the tokenizer's).
 The mix is deliberately imperfect (rates in `configs/parts/world.py`, `transcripts.rates`):
   efficient  the ideal plan, one search per hop, correct answer;
   redundant  one search repeated verbatim (same query, same results), then on, correct;
+  verify     the whole plan, then the last hop searched once more with another wording to
+             "double-check" (same gold passage), then the correct answer: an extra search that
+             never changes the outcome, so an outcome reward alone does not remove it;
   vague      one query that names only part of the entity and finds only look-alikes, then a
              precise follow-up, correct;
   premature  answers before the last hop (with no search at all for one-hop questions) with a
@@ -26,7 +29,7 @@ import numpy as np
 from searche1_jax.agent import protocol
 from searche1_jax.data.synthetic_world import Hop, QUESTION_TYPES, World
 
-KINDS = ("efficient", "redundant", "vague", "premature", "wrong")
+KINDS = ("efficient", "redundant", "verify", "vague", "premature", "wrong")
 
 # (kind, relation) -> (what is looked for, the fact once read, paraphrased queries).
 _PHRASES: dict[tuple[str, str], tuple[str, str, tuple[str, ...]]] = {
@@ -105,7 +108,7 @@ def _check_cfg(cfg, protocol_cfg=None) -> dict[str, float]:
       raise ValueError(f"transcripts.max_searches={cfg.max_searches} exceeds "
                        f"protocol.max_turns={protocol_cfg.max_turns}")
   longest = max(t.hops for t in QUESTION_TYPES.values())
-  extra = 1 if (rates.get("redundant", 0) > 0 or rates.get("vague", 0) > 0) else 0
+  extra = 1 if any(rates.get(k, 0) > 0 for k in ("redundant", "verify", "vague")) else 0
   if longest + extra > cfg.max_searches:
     raise ValueError(f"transcripts.max_searches={cfg.max_searches} is below the "
                      f"{longest + extra} searches a {longest}-hop question needs here")
@@ -163,6 +166,12 @@ class _Maker:
       return options[int(self.rng.integers(len(options)))].format(s=hop.title)
     return hop.query
 
+  def _other_query(self, hop: Hop, used: str) -> str:
+    """A wording of `hop`'s query other than `used`."""
+    options = [q for q in (hop.query,) + tuple(p.format(s=hop.title) for p in _PHRASES[(hop.kind, hop.relation)][2])
+               if q != used]
+    return options[int(self.rng.integers(len(options)))]
+
   def _vague_query(self, hop: Hop) -> str:
     """Part of the name (shared with look-alikes), or no name at all where none is shared."""
     if not self.world.lookalikes(hop.title):
@@ -202,6 +211,7 @@ class _Maker:
     redo = int(self.rng.integers(len(hops))) if kind in ("redundant", "vague") else -1
 
     thought = f"I need to find {_need(hops[0])}."
+    query = ""
     for i, hop in enumerate(hops[:n_done]):
       if i == redo and kind == "vague":
         titles = self._results(hop, gold=False)
@@ -219,6 +229,12 @@ class _Maker:
       thought = _fact(hop, read)
       if i + 1 < len(hops) and i + 1 < n_done:
         thought += f" Now I need to find {_need(hops[i + 1])}."
+
+    if kind == "verify":
+      last = hops[-1]
+      self._search(w, f"{thought} Let me double-check with one more search.", self._other_query(last, query),
+                   self._results(last, gold=True))
+      thought = f"The second search confirms it: {_fact(last)}"
 
     if kind == "premature":
       answer = self._premature_guess(hops, n_done, gold, comparison)
