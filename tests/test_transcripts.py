@@ -74,8 +74,9 @@ def world():
 
 @pytest.fixture(scope="module")
 def records(world):
-  return tr.make_transcript_records(world, world.train_questions, np.random.default_rng(7),
-                                    small_world_cfg().transcripts)
+  cfg = small_world_cfg().transcripts
+  cfg.rates.verify = 0.15  # off in the default mix; every kind is checked here
+  return tr.make_transcript_records(world, world.train_questions, np.random.default_rng(7), cfg)
 
 
 _TURN = re.compile(r"<think> ([^<>]+) </think>\n<search> ([^<>]+) </search>")
@@ -164,6 +165,7 @@ def test_each_kind_behaves_as_described(world, records):
   by_kind = collections.defaultdict(list)
   for rec in records:
     by_kind[rec.kind].append(rec.correct)
+  assert set(by_kind) == set(tr.KINDS)
   assert np.mean(by_kind["premature"]) < 0.3  # mostly wrong guesses
 
 
