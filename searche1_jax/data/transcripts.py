@@ -10,7 +10,7 @@ The mix is deliberately imperfect (rates in `configs/parts/world.py`, `transcrip
   redundant  one search repeated verbatim (same query, same results), then on, correct;
   verify     the whole plan, then the last hop searched once more with another wording to
              "double-check" (same gold passage), then the correct answer: an extra search that
-             never changes the outcome, so an outcome reward alone does not remove it;
+             never changes the scripted outcome;
   vague      one query that names only part of the entity and finds only look-alikes, then a
              precise follow-up, correct;
   premature  answers before the last hop (with no search at all for one-hop questions) with a
