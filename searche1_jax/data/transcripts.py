@@ -211,7 +211,6 @@ class _Maker:
     redo = int(self.rng.integers(len(hops))) if kind in ("redundant", "vague") else -1
 
     thought = f"I need to find {_need(hops[0])}."
-    query = ""
     for i, hop in enumerate(hops[:n_done]):
       if i == redo and kind == "vague":
         titles = self._results(hop, gold=False)
@@ -232,7 +231,7 @@ class _Maker:
 
     if kind == "verify":
       last = hops[-1]
-      self._search(w, f"{thought} Let me double-check with one more search.", self._other_query(last, query),
+      self._search(w, f"{thought} Let me double-check with one more search.", self._other_query(last, w.searches[-1]),
                    self._results(last, gold=True))
       thought = f"The second search confirms it: {_fact(last)}"
 
