@@ -1,5 +1,6 @@
 """The embedded demo: warm-start tokenization/masks/batches, warm-start caching and its LM loss against
 transformers, and the smoke config end to end (launch/demo.py)."""
+import contextlib
 import io
 import json
 import os
@@ -302,3 +303,41 @@ def test_extra_searches_on_correct_answers_remove_the_type_mix():
   types["three_hop"]["em"] = 1.0  # more three-hop answers right: the plain mean rises, the extra searches fall
   assert demo._extra_searches_correct(types, world) == pytest.approx(2.0 / 8)
   assert demo._extra_searches_correct({"single_hop": {"n": 3, "em": 0.0, "searches_correct": 0.0}}, world) is None
+
+
+def test_search_stats_counts_searches_against_hops(smoke, tmp_path):
+  from launch import search_stats
+  config, world, _ = smoke
+  by_hops = {}
+  for q in world.test_questions:
+    by_hops.setdefault(int(q["metadata"]["hops"]), q["id"])
+  one, two = by_hops[1], by_hops[2]
+  check = transcripts_lib.VERIFY_PHRASE
+
+  def row(qid, queries, reward, text="", stop="answer"):
+    return {"question_id": qid, "num_searches": len(queries), "queries": queries, "reward": reward,
+            "response_text": text, "stop_reason": stop}
+
+  rows = [row(one, [], 0.0),                                          # fewer
+          row(one, ["a"], 1.0), row(two, ["a", "b"], 0.0),            # exact
+          row(one, ["a", "a", "a", "a"], 0.0, stop="max_turns"),      # extra: repeat, max_turns
+          row(two, ["a", "b", "c"], 1.0, text=f"x {check} y")]        # extra, double-checked
+  got = search_stats.search_stats(rows, {q["id"]: int(q["metadata"]["hops"]) for q in world.test_questions})
+  assert got["n"] == 5 and got["em"] == pytest.approx(0.4)
+  assert got["fewer"] == {"n": 1, "em": 0.0} and got["exact"] == {"n": 2, "em": 0.5}
+  assert got["extra"] == {"n": 2, "em": 0.5, "repeat_query": 1, "max_turns": 1}
+  assert got["double_check"] == {"n": 1, "em": 1.0}
+  assert got["last_hop_without_check"] == {"n": 3, "em": 0.3333}  # rounded to 4 digits
+
+  # The command pools workdirs per evaluation name and finds the world through config.json.
+  for i, part in enumerate((rows[:2], rows[2:])):
+    d = tmp_path / f"w{i}" / "eval" / "round000_init"
+    d.mkdir(parents=True)
+    (d / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+  (tmp_path / "w0" / "config.json").write_text(json.dumps({"data": {"world_dir": config.demo.world_dir}}))
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    search_stats.main([str(tmp_path / "w0"), str(tmp_path / "w1")])
+  assert json.loads(out.getvalue()) == {"round000_init": got}
+  with pytest.raises(SystemExit):  # no config.json and no --world_dir: a usage error naming the file
+    search_stats.main([str(tmp_path / "w1")])

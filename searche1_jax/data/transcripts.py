@@ -30,6 +30,7 @@ from searche1_jax.agent import protocol
 from searche1_jax.data.synthetic_world import Hop, QUESTION_TYPES, World
 
 KINDS = ("efficient", "redundant", "verify", "vague", "premature", "wrong")
+VERIFY_PHRASE = "Let me double-check with one more search."  # ends the thought before a verify search
 
 # (kind, relation) -> (what is looked for, the fact once read, paraphrased queries).
 _PHRASES: dict[tuple[str, str], tuple[str, str, tuple[str, ...]]] = {
@@ -231,7 +232,7 @@ class _Maker:
 
     if kind == "verify":
       last = hops[-1]
-      self._search(w, f"{thought} Let me double-check with one more search.", self._other_query(last, w.searches[-1]),
+      self._search(w, f"{thought} {VERIFY_PHRASE}", self._other_query(last, w.searches[-1]),
                    self._results(last, gold=True))
       thought = f"The second search confirms it: {_fact(last)}"
 
