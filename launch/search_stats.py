@@ -12,6 +12,11 @@ evaluation under several `rollout.eval.seed`s). Per evaluation:
                               ended at max_turns
   double_check                answers whose text has transcripts.VERIFY_PHRASE (the verify kind's habit): n, em
   last_hop_without_check      answers with at least the hop count of searches and no double-check: n, em
+  correct                     over the correct answers, mean searches split by what each search showed:
+                              new    a passage of the question's plan (`World.solve`) not shown before,
+                              again  only passages shown before, one of them from the plan (re-reading:
+                                     the needless searches a double-check or a verbatim repeat makes),
+                              off    no passage of the plan (a retriever miss, a vague or wrong query)
 """
 from __future__ import annotations
 
@@ -19,18 +24,32 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+_TITLE = re.compile(r'\(Title: "?([^")\n]+?)"?\)')
+
+
+def search_outcomes(obs_texts: list[str], plan_titles: set[str]) -> list[str]:
+  """'new' / 'again' / 'off' (see the module docstring) for each search's observation text."""
+  seen, out = set(), []
+  for text in obs_texts:
+    shown = set(_TITLE.findall(text))
+    out.append("new" if shown & plan_titles - seen else "again" if shown & plan_titles else "off")
+    seen |= shown
+  return out
 
 
 def _group(rows: list[dict]) -> dict:
   return {"n": len(rows), "em": round(sum(r["reward"] for r in rows) / len(rows), 4) if rows else None}
 
 
-def search_stats(trajectories: list[dict], hops: dict[str, int]) -> dict:
+def search_stats(trajectories: list[dict], hops: dict[str, int], plans: dict[str, set[str]]) -> dict:
   """The statistics above for one evaluation. trajectories: rows of trajectories.jsonl; hops: question id ->
-  searches the question needs."""
+  searches the question needs; plans: question id -> the titles of the passages its plan reads."""
   from searche1_jax.agent import trajectory as trajectory_lib
   from searche1_jax.data import transcripts
   by = collections.defaultdict(list)
@@ -46,6 +65,9 @@ def search_stats(trajectories: list[dict], hops: dict[str, int]) -> dict:
                    "repeat_query": sum(any(a == b for a, b in zip(t["queries"], t["queries"][1:])) for t in extra),
                    "max_turns": sum(t["stop_reason"] == trajectory_lib.STOP_MAX_TURNS for t in extra)},
          "double_check": _group(checked), "last_hop_without_check": _group(unchecked)}
+  correct = [search_outcomes(t["obs_texts"], plans[t["question_id"]]) for t in trajectories if t["reward"] > 0]
+  out["correct"] = {"n": len(correct), **{k: round(sum(o.count(k) for o in correct) / max(len(correct), 1), 4)
+                                          for k in ("new", "again", "off")}}
   return out
 
 
@@ -64,7 +86,9 @@ def main(argv=None) -> None:
       p.error(f"{path} not found: pass --world_dir")
     with open(path) as f:
       world_dir = json.load(f)["data"]["world_dir"]
-  hops = {q["id"]: int(q["metadata"]["hops"]) for q in synthetic_world.load_world(world_dir).test_questions}
+  world = synthetic_world.load_world(world_dir)
+  hops = {q["id"]: int(q["metadata"]["hops"]) for q in world.test_questions}
+  plans = {q["id"]: {title for _, title in world.solve(q)} for q in world.test_questions}
 
   pooled: dict[str, list[dict]] = collections.defaultdict(list)
   for w in args.workdirs:
@@ -76,7 +100,7 @@ def main(argv=None) -> None:
       if os.path.exists(path) and (args.eval is None or name in args.eval):
         with open(path) as f:
           pooled[name] += [json.loads(line) for line in f]
-  print(json.dumps({name: search_stats(rows, hops) for name, rows in sorted(pooled.items())}))
+  print(json.dumps({name: search_stats(rows, hops, plans) for name, rows in sorted(pooled.items())}))
 
 
 if __name__ == "__main__":

@@ -482,6 +482,13 @@ def _check_sampling(c: _Checker) -> None:
     c.number(f"{block}.top_p", lo=0.0, hi=1.0, lo_open=True)
     c.number(f"{block}.top_k", lo=0, integer=True)
   c.one_of("retrieval.backend", ("scann", "exact", "http"))
+  c.number("retrieval.miss_rate", lo=0.0, hi=1.0, hi_open=True)
+  c.number("retrieval.miss_seed", lo=0, integer=True)
+  for field in ("miss_rate", "miss_seed"):  # the warm-start transcripts script the misses the rollouts meet
+    scripted, real = f"world.transcripts.{field}", f"retrieval.{field}"
+    if c.has(scripted) and c.has(real) and c.get(scripted) != c.get(real):
+      c.problems.append(f"{scripted}={c.get(scripted)!r} and {real}={c.get(real)!r} must be equal (the "
+                        "transcripts script the retriever's misses)")
   ts, tg = c.get("sampling.temperature"), c.get("grpo.temperature")
   if isinstance(ts, (int, float)) and isinstance(tg, (int, float)) and ts != tg:
     c.problems.append(f"grpo.temperature={tg!r} and sampling.temperature={ts!r} must be equal (the learner scores "

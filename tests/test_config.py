@@ -170,6 +170,7 @@ def _errors(config) -> list[str]:
     ({"protocol.max_turns": -1}, "protocol.max_turns=-1: must be >= 0"),
     ({"protocol.template": "no placeholder"}, "protocol.template has no '{question}' placeholder"),
     ({"retrieval.topk": 5}, "retrieval.topk=5 and protocol.topk=3 must be equal"),
+    ({"retrieval.miss_rate": 1.0}, "retrieval.miss_rate=1.0: must be < 1.0"),
     ({"data.train_dataset": "squad"}, "data.train_dataset='squad': must be one of"),
     ({"distributed.mode": "maybe"}, "distributed.mode='maybe': must be one of ('auto', 'on', 'off')"),
     ({"distributed.num_processes": 2, "distributed.process_id": 2}, "distributed.process_id=2 must be <"),
@@ -182,6 +183,15 @@ def test_bad_values_are_named(overrides, expected):
   cu.apply_overrides(c, overrides)
   errors = _errors(c)
   assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_demo_transcripts_must_script_the_retrievers_misses():
+  c = load("demo")
+  cu.apply_overrides(c, {"retrieval.miss_rate": 0.25})
+  assert any(e.startswith("world.transcripts.miss_rate=0.0 and retrieval.miss_rate=0.25 must be equal")
+             for e in _errors(c))
+  cu.apply_overrides(c, {"world.transcripts.miss_rate": 0.25})
+  cu.validate_config(c)
 
 
 def test_all_problems_in_one_error_and_no_checks_for_absent_blocks():

@@ -314,20 +314,29 @@ def test_search_stats_counts_searches_against_hops(smoke, tmp_path):
   one, two = by_hops[1], by_hops[2]
   check = transcripts_lib.VERIFY_PHRASE
 
-  def row(qid, queries, reward, text="", stop="answer"):
-    return {"question_id": qid, "num_searches": len(queries), "queries": queries, "reward": reward,
-            "response_text": text, "stop_reason": stop}
+  plans = {q["id"]: {t for _, t in world.solve(q)} for q in world.test_questions}
+  questions = {q["id"]: q for q in world.test_questions}
+  (t1,), (t2a, t2b) = [t for _, t in world.solve(questions[one])], [t for _, t in world.solve(questions[two])]
+  other = next(t for t in world.names("person") if t not in plans[one] | plans[two])
 
-  rows = [row(one, [], 0.0),                                          # fewer
-          row(one, ["a"], 1.0), row(two, ["a", "b"], 0.0),            # exact
-          row(one, ["a", "a", "a", "a"], 0.0, stop="max_turns"),      # extra: repeat, max_turns
-          row(two, ["a", "b", "c"], 1.0, text=f"x {check} y")]        # extra, double-checked
-  got = search_stats.search_stats(rows, {q["id"]: int(q["metadata"]["hops"]) for q in world.test_questions})
+  def row(qid, queries, reward, shown=None, text="", stop="answer"):
+    obs = [protocol.format_observation([world.passage(t)]) for t in shown or [other] * len(queries)]
+    return {"question_id": qid, "num_searches": len(queries), "queries": queries, "reward": reward,
+            "response_text": text, "stop_reason": stop, "obs_texts": obs}
+
+  rows = [row(one, [], 0.0),                                                   # fewer
+          row(one, ["a"], 1.0, [t1]), row(two, ["a", "b"], 0.0, [t2a, t2b]),     # exact
+          row(one, ["a", "a", "a", "a"], 0.0, stop="max_turns"),               # extra: repeat, max_turns
+          row(two, ["a", "b", "c", "d"], 1.0, [other, t2a, t2b, t2b], text=f"x {check} y")]  # extra, checked
+  got = search_stats.search_stats(rows, {q["id"]: int(q["metadata"]["hops"]) for q in world.test_questions},
+                                  plans)
   assert got["n"] == 5 and got["em"] == pytest.approx(0.4)
   assert got["fewer"] == {"n": 1, "em": 0.0} and got["exact"] == {"n": 2, "em": 0.5}
   assert got["extra"] == {"n": 2, "em": 0.5, "repeat_query": 1, "max_turns": 1}
   assert got["double_check"] == {"n": 1, "em": 1.0}
   assert got["last_hop_without_check"] == {"n": 3, "em": 0.3333}  # rounded to 4 digits
+  # Correct answers: [new] and [off, new, new, again].
+  assert got["correct"] == {"n": 2, "new": 1.5, "again": 0.5, "off": 0.5}
 
   # The command pools workdirs per evaluation name and finds the world through config.json.
   for i, part in enumerate((rows[:2], rows[2:])):

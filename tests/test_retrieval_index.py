@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fixtures.retrieval.helpers import make_tiny_bert, retrieval_cfg, small_corpus
+from searche1_jax.retrieval import misses
 from searche1_jax.retrieval import Encoder, ExactIndex, IndexMismatchError, ScannIndex, make_retriever
 from searche1_jax.retrieval import index as index_lib
 from searche1_jax.retrieval.build import build_index
@@ -142,6 +143,15 @@ def test_index_dir_round_trip_scann_equals_exact(built):
       np.testing.assert_allclose([p.score for p in ps], [p.score for p in rps], atol=1e-5)
   for ps in ref:
     assert len(ps) == 4 and all(a.score >= b.score for a, b in zip(ps, ps[1:]))
+  # retrieval.miss_rate > 0: the missed query texts get ranks 2..5 of the same index, the others ranks 1..4.
+  cfg = _cfg(root / "exact_idx", "exact")
+  cfg.miss_rate, cfg.miss_seed = 0.5, 3
+  noisy = make_retriever(cfg).retrieve(queries, 4)
+  full = make_retriever(_cfg(root / "exact_idx", "exact")).retrieve(queries, 5)
+  missed = [misses.missed(q, 0.5, 3) for q in queries]
+  assert 0 < sum(missed) < len(queries)  # both cases occur with this seed
+  for m, got, ps in zip(missed, noisy, full):
+    assert [p.id for p in got] == [p.id for p in (ps[1:] if m else ps[:4])]
 
 
 def test_different_encoder_is_refused(built, tmp_path):

@@ -10,6 +10,7 @@ from configs.parts import world as world_part
 from searche1_jax.agent import protocol
 from searche1_jax.data import synthetic_world as sw
 from searche1_jax.data import transcripts as tr
+from searche1_jax.retrieval import misses
 
 # REFERENCE.md, Search-R1 template_type='base', written out independently of the module.
 REFERENCE_TEMPLATE = (
@@ -227,3 +228,37 @@ def test_bad_config_is_a_clear_error(world):
   pcfg.max_turns = 2
   with pytest.raises(ValueError, match="protocol.max_turns=2"):
     tr.make_transcripts(world, world.train_questions[:2], np.random.default_rng(0), cfg, protocol_cfg=pcfg)
+
+
+def test_scripted_misses_are_the_retrievers_and_are_searched_again(world):
+  cfg = small_world_cfg().transcripts
+  cfg.rates.verify = 0.15
+  cfg.miss_rate, cfg.miss_seed = 0.3, 2
+  recs = tr.make_transcript_records(world, world.train_questions, np.random.default_rng(3), cfg)
+  questions = {q["id"]: q for q in world.train_questions}
+  retried = lost = 0
+  for rec in recs:
+    q = questions[rec.question_id]
+    parse(rec.text, q["question"])  # still the exact protocol
+    hops = world.plan(q)
+    wordings = [{misses.query_key(w) for w in tr._Maker._wordings(h)} for h in hops]
+    for i, (query, shown) in enumerate(zip(rec.searches, rec.retrieved)):
+      hop = next((h for h, ws in enumerate(wordings) if misses.query_key(query) in ws), None)
+      if hop is None:
+        assert rec.kind == "vague"  # a partial name: only look-alikes
+        continue
+      hit = not misses.missed(query, 0.3, 2)
+      assert (hops[hop].title in shown) == hit, (rec.text, query)
+      if not hit and i + 1 < len(rec.searches):
+        # a miss is said and searched again for the same hop in words not tried yet
+        retried += 1
+        nxt = misses.query_key(rec.searches[i + 1])
+        assert nxt in wordings[hop], rec.text
+        assert nxt not in {misses.query_key(s) for s in rec.searches[:i + 1]}, rec.text
+    if "I could not find" in rec.segments[-1][0]:
+      lost += 1
+      assert misses.missed(rec.searches[-1], 0.3, 2) or len(rec.searches) == cfg.max_searches
+    elif rec.kind in ("efficient", "verify", "redundant", "vague"):
+      assert rec.correct, rec.text
+    assert len(rec.searches) <= cfg.max_searches
+  assert retried > 100 and 0 < lost < 0.2 * len(recs)  # lost: mostly 3-hop questions out of searches

@@ -15,6 +15,10 @@ def get() -> ml_collections.ConfigDict:
   c.verify_corpus_lines = True  # on load also count corpus lines (reads the file once), besides size + edge hashes
   c.url = "http://127.0.0.1:8000/retrieve"  # backend='http': the server's /retrieve endpoint
   c.topk = 3  # passages per search (Search-R1: 3); read by the rollouts, not by make_retriever
+  # Simulated misses (the demo's noisy retriever, searche1_jax/retrieval/misses.py): this fraction of query
+  # texts, drawn by a hash of miss_seed and the text, gets ranks 2..topk+1 instead of 1..topk. 0 = off.
+  c.miss_rate = 0.0
+  c.miss_seed = 0
 
   c.encoding = ml_collections.ConfigDict()
   c.encoding.query_prefix = "auto"  # 'auto' = model convention (e5: 'query: ', minilm: ''); else the literal prefix

@@ -50,6 +50,11 @@ def get() -> ml_collections.ConfigDict:
   t.max_searches = 4
   # Probability that a search uses a paraphrase instead of the plan's canonical query.
   t.paraphrase_prob = 0.5
+  # Retriever misses scripted into every kind (searche1_jax/retrieval/misses.py): a missed query text finds
+  # only look-alikes and the transcript searches again in other words. Must equal retrieval.miss_rate and
+  # retrieval.miss_seed (checked). 0 = a retriever that never misses.
+  t.miss_rate = 0.0
+  t.miss_seed = 0
   c.transcripts = t
 
   k = ml_collections.ConfigDict()

@@ -18,6 +18,10 @@ The mix is deliberately imperfect (rates in `configs/parts/world.py`, `transcrip
   wrong      runs the whole plan, then reads a look-alike's fact and answers wrongly.
 A retriever is simulated: a precise query returns the gold passage among `topk - 1` look-alike
 distractors (entities sharing a name part) in random order; a vague one returns only look-alikes.
+With `miss_rate` > 0 the simulated retriever also misses the query texts that the real one misses
+(`retrieval/misses.py`, same rate and seed): a missed search returns only look-alikes, and every kind
+then says so and searches again in other words until a wording hits; when the wordings or
+`max_searches` run out, it answers with a guess.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 
 from searche1_jax.agent import protocol
 from searche1_jax.data.synthetic_world import Hop, QUESTION_TYPES, World
+from searche1_jax.retrieval import misses
 
 KINDS = ("efficient", "redundant", "verify", "vague", "premature", "wrong")
 VERIFY_PHRASE = "Let me double-check with one more search."  # ends the thought before a verify search
@@ -102,6 +107,9 @@ def _check_cfg(cfg, protocol_cfg=None) -> dict[str, float]:
     raise ValueError(f"transcripts.rates must be non-negative with a positive sum: {rates}")
   if cfg.topk < 1:
     raise ValueError(f"transcripts.topk must be >= 1, got {cfg.topk}")
+  rate = getattr(cfg, "miss_rate", 0.0)
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"transcripts.miss_rate must be in [0, 1), got {rate}")
   if protocol_cfg is not None:
     if cfg.topk != protocol_cfg.topk:
       raise ValueError(f"transcripts.topk={cfg.topk} differs from protocol.topk={protocol_cfg.topk}")
@@ -167,11 +175,39 @@ class _Maker:
       return options[int(self.rng.integers(len(options)))].format(s=hop.title)
     return hop.query
 
+  @staticmethod
+  def _wordings(hop: Hop) -> list[str]:
+    return [hop.query] + [p.format(s=hop.title) for p in _PHRASES[(hop.kind, hop.relation)][2]]
+
   def _other_query(self, hop: Hop, used: str) -> str:
     """A wording of `hop`'s query other than `used`."""
-    options = [q for q in (hop.query,) + tuple(p.format(s=hop.title) for p in _PHRASES[(hop.kind, hop.relation)][2])
-               if q != used]
+    options = [q for q in self._wordings(hop) if q != used]
     return options[int(self.rng.integers(len(options)))]
+
+  def _room(self, w: _Writer) -> bool:
+    """Whether one more search fits in `max_searches` (only retriever misses ever use it up)."""
+    return len(w.searches) < self.cfg.max_searches
+
+  def _missed(self, query: str) -> bool:
+    return misses.missed(query, getattr(self.cfg, "miss_rate", 0.0), getattr(self.cfg, "miss_seed", 0))
+
+  def _find(self, w: _Writer, thought: str, hop: Hop, query: str) -> tuple[bool, str, list[str]]:
+    """Searches for `hop` with `query`; after each missed search (only look-alikes) it says so and tries a
+    wording not tried yet, until one hits or the wordings or `max_searches` run out.
+    Returns (found, the last query, its result titles)."""
+    tried = {misses.query_key(query)}
+    while True:
+      hit = not self._missed(query)
+      titles = self._results(hop, gold=hit)
+      self._search(w, thought, query, titles)
+      if hit:
+        return True, query, titles
+      options = [q for q in self._wordings(hop) if misses.query_key(q) not in tried]
+      if not options or len(w.searches) >= self.cfg.max_searches:
+        return False, query, titles
+      thought = f"The results do not mention {hop.title}. Let me search for {hop.title} in other words."
+      query = options[int(self.rng.integers(len(options)))]
+      tried.add(misses.query_key(query))
 
   def _vague_query(self, hop: Hop) -> str:
     """Part of the name (shared with look-alikes), or no name at all where none is shared."""
@@ -212,16 +248,20 @@ class _Maker:
     redo = int(self.rng.integers(len(hops))) if kind in ("redundant", "vague") else -1
 
     thought = f"I need to find {_need(hops[0])}."
+    lost = None  # the hop that could not be found (retriever misses), if any
     for i, hop in enumerate(hops[:n_done]):
-      if i == redo and kind == "vague":
+      if i == redo and kind == "vague" and self._room(w):
         titles = self._results(hop, gold=False)
         self._search(w, thought, self._vague_query(hop), titles)
         thought = (f"The results do not mention {hop.title}. "
                    f"I need to search for {hop.title} directly.")
-      query = self._query(hop)
-      titles = self._results(hop, gold=True)
-      self._search(w, thought, query, titles)
-      if i == redo and kind == "redundant":
+      found = self._room(w)
+      if found:
+        found, query, titles = self._find(w, thought, hop, self._query(hop))
+      if not found:
+        lost = i
+        break
+      if i == redo and kind == "redundant" and self._room(w):
         self._search(w, f"{_fact(hop)} Let me search again to be sure.", query, titles)
       read = hop.value
       if kind == "wrong" and i == len(hops) - 1 and not comparison:
@@ -230,13 +270,18 @@ class _Maker:
       if i + 1 < len(hops) and i + 1 < n_done:
         thought += f" Now I need to find {_need(hops[i + 1])}."
 
-    if kind == "verify":
+    if kind == "verify" and lost is None and self._room(w):
       last = hops[-1]
-      self._search(w, f"{thought} {VERIFY_PHRASE}", self._other_query(last, w.searches[-1]),
-                   self._results(last, gold=True))
-      thought = f"The second search confirms it: {_fact(last)}"
+      query = self._other_query(last, w.searches[-1])
+      hit = not self._missed(query)
+      self._search(w, f"{thought} {VERIFY_PHRASE}", query, self._results(last, gold=hit))
+      thought = (f"The second search confirms it: {_fact(last)}" if hit else
+                 f"The second search does not mention {last.title}, so I keep the first: {_fact(last)}")
 
-    if kind == "premature":
+    if lost is not None:
+      answer = self._premature_guess(hops, lost, gold, comparison)
+      w.answer(f"I could not find {_need(hops[lost])}. I think the answer is {answer}.", answer)
+    elif kind == "premature":
       answer = self._premature_guess(hops, n_done, gold, comparison)
       lead = thought + " " if n_done else ""
       w.answer(f"{lead}I think the answer is {answer}.", answer)

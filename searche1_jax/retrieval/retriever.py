@@ -9,6 +9,7 @@ from searche1_jax.retrieval import index as index_lib
 from searche1_jax.retrieval.corpus import Corpus
 from searche1_jax.retrieval.encoder import Encoder
 from searche1_jax.retrieval.fingerprint import file_fingerprint, fingerprint_mismatch
+from searche1_jax.retrieval.misses import MissingRetriever
 from searche1_jax.retrieval.passage import Passage, check_queries
 
 BACKENDS = ("scann", "exact", "http")
@@ -89,10 +90,14 @@ def load_index_retriever(cfg: Any, encoder: Encoder | None = None) -> IndexRetri
 
 
 def make_retriever(cfg: Any):
-  """cfg = configs/parts/retrieval.py get() (possibly overridden). Returns a `Retriever`."""
+  """cfg = configs/parts/retrieval.py get() (possibly overridden). Returns a `Retriever`; with
+  cfg.miss_rate > 0 it misses that fraction of query texts on purpose (`retrieval/misses.py`)."""
   if cfg.backend == "http":
     from searche1_jax.retrieval.client import HttpRetriever
-    return HttpRetriever.from_config(cfg)
-  if cfg.backend in ("scann", "exact"):
-    return load_index_retriever(cfg)
-  raise ValueError(f"retrieval.backend={cfg.backend!r}: expected one of {BACKENDS}")
+    retriever = HttpRetriever.from_config(cfg)
+  elif cfg.backend in ("scann", "exact"):
+    retriever = load_index_retriever(cfg)
+  else:
+    raise ValueError(f"retrieval.backend={cfg.backend!r}: expected one of {BACKENDS}")
+  rate = float(cfg.get("miss_rate", 0.0))
+  return MissingRetriever(retriever, rate, int(cfg.get("miss_seed", 0))) if rate > 0 else retriever
