@@ -38,6 +38,3 @@ class MissingRetriever:
   def retrieve(self, queries: list[str], topk: int) -> list[list[Passage]]:
     results = self.inner.retrieve(queries, topk + 1)
     return [r[1:topk + 1] if missed(q, self.rate, self.seed) else r[:topk] for q, r in zip(queries, results)]
-
-  def __getattr__(self, name):  # close(), stats, ... of the inner retriever
-    return getattr(self.inner, name)
