@@ -481,6 +481,13 @@ def _check_sampling(c: _Checker) -> None:
     c.number(f"{block}.temperature", lo=0.0)
     c.number(f"{block}.top_p", lo=0.0, hi=1.0, lo_open=True)
     c.number(f"{block}.top_k", lo=0, integer=True)
+  ts, tg = c.get("sampling.temperature"), c.get("grpo.temperature")
+  if isinstance(ts, (int, float)) and isinstance(tg, (int, float)) and ts != tg:
+    c.problems.append(f"grpo.temperature={tg!r} and sampling.temperature={ts!r} must be equal (the learner scores "
+                      "tokens at the temperature they were sampled at)")
+
+
+def _check_retrieval(c: _Checker) -> None:
   c.one_of("retrieval.backend", ("scann", "exact", "http"))
   c.number("retrieval.miss_rate", lo=0.0, hi=1.0, hi_open=True)
   c.number("retrieval.miss_seed", lo=0, integer=True)
@@ -489,10 +496,6 @@ def _check_sampling(c: _Checker) -> None:
     if c.has(scripted) and c.has(real) and c.get(scripted) != c.get(real):
       c.problems.append(f"{scripted}={c.get(scripted)!r} and {real}={c.get(real)!r} must be equal (the "
                         "transcripts script the retriever's misses)")
-  ts, tg = c.get("sampling.temperature"), c.get("grpo.temperature")
-  if isinstance(ts, (int, float)) and isinstance(tg, (int, float)) and ts != tg:
-    c.problems.append(f"grpo.temperature={tg!r} and sampling.temperature={ts!r} must be equal (the learner scores "
-                      "tokens at the temperature they were sampled at)")
 
 
 def _check_data(c: _Checker) -> None:
@@ -528,7 +531,7 @@ def _check_optim_block(c: _Checker) -> None:
 
 VALIDATORS: tuple[Callable[[_Checker], None], ...] = (
     _check_model, _check_optim_block, _check_grpo, _check_train, _check_ofsd, _check_protocol, _check_sampling,
-    _check_data, _check_misc)
+    _check_retrieval, _check_data, _check_misc)
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> ml_collections.ConfigDict:

@@ -241,7 +241,7 @@ def test_scripted_misses_are_the_retrievers_and_are_searched_again(world):
     q = questions[rec.question_id]
     parse(rec.text, q["question"])  # still the exact protocol
     hops = world.plan(q)
-    wordings = [{misses.query_key(w) for w in tr._Maker._wordings(h)} for h in hops]
+    wordings = [{misses.query_key(w) for w in tr.hop_wordings(h)} for h in hops]
     for i, (query, shown) in enumerate(zip(rec.searches, rec.retrieved)):
       hop = next((h for h, ws in enumerate(wordings) if misses.query_key(query) in ws), None)
       if hop is None:

@@ -64,6 +64,11 @@ def _need(hop: Hop) -> str:
   return _PHRASES[(hop.kind, hop.relation)][0].format(s=hop.title)
 
 
+def hop_wordings(hop: Hop) -> list[str]:
+  """Every query the transcripts may send for `hop`: the plan's canonical one, then its paraphrases."""
+  return [hop.query] + [p.format(s=hop.title) for p in _PHRASES[(hop.kind, hop.relation)][2]]
+
+
 def _fact(hop: Hop, value: str | None = None) -> str:
   return _PHRASES[(hop.kind, hop.relation)][1].format(s=hop.title, v=hop.value if value is None else value)
 
@@ -107,9 +112,7 @@ def _check_cfg(cfg, protocol_cfg=None) -> dict[str, float]:
     raise ValueError(f"transcripts.rates must be non-negative with a positive sum: {rates}")
   if cfg.topk < 1:
     raise ValueError(f"transcripts.topk must be >= 1, got {cfg.topk}")
-  rate = getattr(cfg, "miss_rate", 0.0)
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"transcripts.miss_rate must be in [0, 1), got {rate}")
+  misses.check_rate(getattr(cfg, "miss_rate", 0.0), "transcripts.miss_rate")
   if protocol_cfg is not None:
     if cfg.topk != protocol_cfg.topk:
       raise ValueError(f"transcripts.topk={cfg.topk} differs from protocol.topk={protocol_cfg.topk}")
@@ -175,13 +178,9 @@ class _Maker:
       return options[int(self.rng.integers(len(options)))].format(s=hop.title)
     return hop.query
 
-  @staticmethod
-  def _wordings(hop: Hop) -> list[str]:
-    return [hop.query] + [p.format(s=hop.title) for p in _PHRASES[(hop.kind, hop.relation)][2]]
-
   def _other_query(self, hop: Hop, used: str) -> str:
     """A wording of `hop`'s query other than `used`."""
-    options = [q for q in self._wordings(hop) if q != used]
+    options = [q for q in hop_wordings(hop) if q != used]
     return options[int(self.rng.integers(len(options)))]
 
   def _room(self, w: _Writer) -> bool:
@@ -191,10 +190,13 @@ class _Maker:
   def _missed(self, query: str) -> bool:
     return misses.missed(query, getattr(self.cfg, "miss_rate", 0.0), getattr(self.cfg, "miss_seed", 0))
 
-  def _find(self, w: _Writer, thought: str, hop: Hop, query: str) -> tuple[bool, str, list[str]]:
-    """Searches for `hop` with `query`; after each missed search (only look-alikes) it says so and tries a
+  def _find(self, w: _Writer, thought: str, hop: Hop) -> tuple[bool, str, list[str]]:
+    """Searches for `hop` (`_query`); after each missed search (only look-alikes) it says so and tries a
     wording not tried yet, until one hits or the wordings or `max_searches` run out.
     Returns (found, the last query, its result titles)."""
+    if not self._room(w):
+      return False, "", []
+    query = self._query(hop)
     tried = {misses.query_key(query)}
     while True:
       hit = not self._missed(query)
@@ -202,8 +204,8 @@ class _Maker:
       self._search(w, thought, query, titles)
       if hit:
         return True, query, titles
-      options = [q for q in self._wordings(hop) if misses.query_key(q) not in tried]
-      if not options or len(w.searches) >= self.cfg.max_searches:
+      options = [q for q in hop_wordings(hop) if misses.query_key(q) not in tried]
+      if not options or not self._room(w):
         return False, query, titles
       thought = f"The results do not mention {hop.title}. Let me search for {hop.title} in other words."
       query = options[int(self.rng.integers(len(options)))]
@@ -255,9 +257,7 @@ class _Maker:
         self._search(w, thought, self._vague_query(hop), titles)
         thought = (f"The results do not mention {hop.title}. "
                    f"I need to search for {hop.title} directly.")
-      found = self._room(w)
-      if found:
-        found, query, titles = self._find(w, thought, hop, self._query(hop))
+      found, query, titles = self._find(w, thought, hop)
       if not found:
         lost = i
         break

@@ -19,6 +19,12 @@ def query_key(query: str) -> str:
   return " ".join(query.lower().split())
 
 
+def check_rate(rate: float, field: str) -> None:
+  """Raises ValueError naming `field` unless 0 <= rate < 1."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{field}={rate!r} must be in [0, 1)")
+
+
 def missed(query: str, rate: float, seed: int) -> bool:
   """True for a `rate` fraction of query texts (a hash of `seed` and `query_key(query)`, uniform in [0, 1))."""
   if rate <= 0.0:
@@ -31,8 +37,7 @@ class MissingRetriever:
   """Wraps a `Retriever`: a missed query gets ranks 2..topk+1 of the inner retriever instead of 1..topk."""
 
   def __init__(self, inner: Retriever, rate: float, seed: int):
-    if not 0.0 <= rate < 1.0:
-      raise ValueError(f"retrieval.miss_rate={rate!r} must be in [0, 1)")
+    check_rate(rate, "retrieval.miss_rate")
     self.inner, self.rate, self.seed = inner, float(rate), int(seed)
 
   def retrieve(self, queries: list[str], topk: int) -> list[list[Passage]]:
