@@ -136,6 +136,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The on-policy variant (--config.ofsd.mode=on_policy): alpha 0.01, no warm-up (alpha 0.1 collapsed the policy
       # in round 2: no searches, EM 0; measured).
       "ofsd.alpha": 0.01,
+      # The loss is on the search-query and answer tokens only (SD-Search's choice; Search-E1's default, every
+      # policy token, is configs/search_e1.py's). On every policy token the phase also distilled the think text that
+      # decides "answer now" vs "search again"; the pairs come from the questions the policy already solves (mostly
+      # single-hop), and the 0.7M-parameter policy carried "answer after one search" over to multi-hop questions:
+      # over three warm-start seeds 7 of 9 phases lowered EM, 3 by more than 0.07. On query + answer tokens no
+      # phase moved EM by more than 0.03 and searches on correct answers fell in 6 of 9 (README; measured).
+      "ofsd.spans": "query_answer",
       "ofsd.context_format": "actions", "ofsd.context_answer": False, "ofsd.context_passages": False,
       "warm_start.hint_fraction": 0.3,
       # Checkpoints: only at phase ends (a CPU demo is short).
