@@ -122,9 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "train.mini_batch_prompts": 16, "train.ppo_epochs": 1, "train.eval_at_start": True,
       "train.eval_every_rounds": 1, "train.eval_every_steps": 0, "train.eval_after_grpo": True,
       # OFSD (Search-E1 defaults, a small phase): 16 questions x 5 samples, one pass over the pairs at lr 3e-4.
-      # Measured (same seeds): 32 questions ended at EM 0.340 instead of 0.347 and made the phase add 20% to a
-      # round (benchmarks/round.py; 12.6% with 16); 2 passes at lr 1e-4 ended 0.050 lower. The evaluations after GRPO and
-      # after OFSD measure the phase's effect, so the post-phase greedy rollouts are off.
+      # Measured with ofsd.spans='policy' (same seeds): 32 questions ended at EM 0.340 instead of 0.347 and
+      # made the phase add 20% to a round (benchmarks/round.py; 12.6% with 16); 2 passes at lr 1e-4 ended 0.050
+      # lower. The evaluations after GRPO and after OFSD measure the phase's effect, so the post-phase greedy
+      # rollouts are off.
       "ofsd.enabled": True, "ofsd.mode": "offline", "ofsd.kind": "forward_kl", "ofsd.top_k": 0,
       "ofsd.group_size": 5, "ofsd.questions_per_phase": 16, "ofsd.epochs": 1, "ofsd.batch_size": 16,
       "ofsd.num_microbatches": 1, "ofsd.optim.learning_rate": 3e-4,
@@ -138,9 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "ofsd.alpha": 0.01,
       # The loss is on the search-query and answer tokens only (SD-Search's choice; Search-E1's default, every
       # policy token, is configs/search_e1.py's). On every policy token the phase also distilled the think text that
-      # decides "answer now" vs "search again"; the pairs come from the questions the policy already solves (mostly
-      # single-hop), and the 0.7M-parameter policy carried "answer after one search" over to multi-hop questions:
-      # over three warm-start seeds 7 of 9 phases lowered EM, 3 by more than 0.07. On query + answer tokens no
+      # decides "answer now" vs "search again"; the pairs come only from questions some sibling solves, and the
+      # 0.7M-parameter policy carried the shift over to question types the pairs did not cover (compositional
+      # answers stopped after the first hop): over three warm-start seeds 7 of 9 phases lowered EM, 3 by more
+      # than 0.07. On query + answer tokens no
       # phase moved EM by more than 0.03 and searches on correct answers fell in 6 of 9 (README; measured).
       "ofsd.spans": "query_answer",
       "ofsd.context_format": "actions", "ofsd.context_answer": False, "ofsd.context_passages": False,
