@@ -13,7 +13,8 @@ config they were built from, matches; each stage prints what it did and how long
                 (searche1_jax/train/warm_start.py). It replaces the pretrained checkpoint a real run loads.
   5. train      `searche1_jax.train.loop.run`: evaluation of the warm start, then `train.num_rounds` rounds of
                 GRPO steps and an OFSD phase, each followed by an evaluation on the held-out test questions.
-  6. report     launch/report.py (report.md and PNG plots), then a table per evaluation: EM per question type
+  6. report     launch/report.py (report.md and PNG plots), plus report/em_by_type.png (the learning curve per
+                question type) and the same table in report.md; then a table per evaluation: EM per question type
                 (single-hop / compositional / comparison / three-hop), average EM, mean searches, mean searches
                 on correct answers, mean response tokens; and where every output file is.
 The workdir gets config.json like launch/train.py; re-running with the same workdir resumes (a finished run only
@@ -300,6 +301,36 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def em_series(rows: list[dict]) -> dict[str, list[float | None]]:
+  """The learning curves of `rows` (round_rows): per question type (titles as in the table), multi-hop and
+  average EM, one value per evaluation (None where a type has no questions)."""
+  series: dict[str, list[float | None]] = {
+      CATEGORY_TITLES[k]: [r["em_by_type"].get(k) for r in rows] for k in CATEGORIES}
+  series["multi-hop"] = [r["multi_hop_em"] for r in rows]
+  series["average"] = [r["avg_em"] for r in rows]
+  return series
+
+
+def plot_em_by_type(rows: list[dict], path: str) -> str:
+  """report/em_by_type.png: held-out EM per question type, multi-hop and average, per evaluation. Returns path."""
+  import math
+
+  import matplotlib
+  matplotlib.use("Agg")
+  from launch import report as report_lib
+  fig, ax = report_lib.new_figure("held-out EM per question type")
+  styles = {"multi-hop": dict(ls="--", lw=2.0, color="dimgray"), "average": dict(lw=2.6, color="black")}
+  for name, ys in em_series(rows).items():
+    ax.plot(range(len(rows)), [math.nan if y is None else y for y in ys], marker="o",
+            **styles.get(name, dict(lw=1.2)), label=name)
+  labels = ["warm start" if r["phase"] == "init" else f"r{r['round']} {r['phase']}" for r in rows]
+  ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
+  ax.set_ylabel("EM")
+  ax.legend(fontsize=7, ncol=2)
+  report_lib.save_figure(fig, path)
+  return path
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def run_demo(config, workdir: str, *, out=None) -> dict:
@@ -320,6 +351,11 @@ def run_demo(config, workdir: str, *, out=None) -> dict:
   table = format_table(rows)
   with open(os.path.join(workdir, "demo_table.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
+  em_plot = plot_em_by_type(rows, os.path.join(os.path.dirname(rep["markdown"]), "report", "em_by_type.png"))
+  rep["plots"].insert(0, em_plot)
+  with open(rep["markdown"], "a", encoding="utf-8") as f:  # report.md also gets the per-type table and curves
+    f.write(f"\n## Held-out EM per question type (launch/demo.py)\n\n{table}\n\n"
+            f"![em_by_type]({os.path.relpath(em_plot, os.path.dirname(rep['markdown']))})\n")
   paths = {"results.json": os.path.join(workdir, "results.json"),
            "metrics.jsonl": os.path.join(workdir, "metrics.jsonl"),
            "tensorboard": os.path.join(workdir, "tensorboard"),

@@ -152,7 +152,8 @@ def step_series(rows: list[dict], keys: tuple[str, ...]) -> dict[str, tuple[str,
   return out
 
 
-def _new_figure(title: str):
+def new_figure(title: str):
+  """A figure and axes in the report's style (launch/demo.py draws its own plots with it)."""
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
   ax.set_title(title)
@@ -160,7 +161,7 @@ def _new_figure(title: str):
   return fig, ax
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
   import matplotlib.pyplot as plt
   fig.tight_layout()
   fig.savefig(path)
@@ -174,7 +175,7 @@ def plot_em(rounds: list[dict], path: str) -> str | None:
   avg = [_number(r.get("avg_em")) for r in rounds]
   if not splits and all(v is None for v in avg):
     return "EM plot skipped: no 'em' / 'avg_em' in results.json"
-  fig, ax = _new_figure("exact match per benchmark")
+  fig, ax = new_figure("exact match per benchmark")
   for s in splits:
     ys = [_number((r.get("em") or {}).get(s)) if isinstance(r.get("em"), dict) else None for r in rounds]
     ax.plot(x, [math.nan if y is None else y for y in ys], marker="o", lw=1.2, label=s)
@@ -183,7 +184,7 @@ def plot_em(rounds: list[dict], path: str) -> str | None:
   ax.set_xticks(x, labels, rotation=30, ha="right")
   ax.set_ylabel("EM")
   ax.legend(fontsize=7, ncol=2)
-  _save(fig, path)
+  save_figure(fig, path)
   return None
 
 
@@ -195,7 +196,7 @@ def plot_steps(name: str, rows: list[dict], rounds: list[dict], path: str) -> st
   if not series and not evals:
     looked = list(SERIES[name]) + ([f"results.json {res_key}"] if res_key else [])
     return f"{name} plot skipped: not logged (looked for {', '.join(looked)})"
-  fig, ax = _new_figure(TITLES[name])
+  fig, ax = new_figure(TITLES[name])
   for phase, (key, steps, values) in series.items():
     ax.plot(steps, values, lw=1.0, label=f"{phase}: {key}" if phase else key)
   if series:
@@ -209,7 +210,7 @@ def plot_steps(name: str, rows: list[dict], rounds: list[dict], path: str) -> st
     ax2.legend(loc="upper right", fontsize=7)
   if series:
     ax.legend(loc="upper left", fontsize=7)
-  _save(fig, path)
+  save_figure(fig, path)
   return None
 
 
@@ -221,7 +222,7 @@ def plot_timings(rounds: list[dict], path: str) -> str | None:
         phases.append(k)
   if not phases:
     return "timings plot skipped: no 'timings' in results.json"
-  fig, ax = _new_figure("seconds per phase")
+  fig, ax = new_figure("seconds per phase")
   x = list(range(len(rounds)))
   bottom = [0.0] * len(rounds)
   for p in phases:
@@ -232,7 +233,7 @@ def plot_timings(rounds: list[dict], path: str) -> str | None:
   ax.set_xticks(x, [_label(r, i) for i, r in enumerate(rounds)], rotation=30, ha="right")
   ax.set_ylabel("seconds")
   ax.legend(fontsize=7)
-  _save(fig, path)
+  save_figure(fig, path)
   return None
 
 

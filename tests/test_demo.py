@@ -270,6 +270,10 @@ def test_smoke_demo_end_to_end(tmp_path):
   assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(tb) for f in fs)
   plots = summary["paths"]["plots"]
   assert plots and all(p.endswith(".png") and os.path.getsize(p) > 0 for p in plots)
+  assert os.path.basename(plots[0]) == "em_by_type.png"
+  with open(summary["paths"]["report.md"]) as f:
+    report_md = f.read()
+  assert summary["table"] in report_md and "report/em_by_type.png" in report_md
   # The printed table: a header with the four question types, then one line per evaluation.
   for title in ("single-hop", "compositional", "comparison", "three-hop", "avg EM", "searches"):
     assert title in printed
@@ -289,6 +293,17 @@ def test_smoke_demo_end_to_end(tmp_path):
     assert stage in log2
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["rounds"] == rounds
+
+
+def test_em_series_follows_the_table_rows():
+  from launch import demo
+  rows = [{"round": 0, "phase": "init", "em_by_type": {"single_hop": 0.5, "three_hop": 0.1},
+           "multi_hop_em": 0.1, "avg_em": 0.3},
+          {"round": 1, "phase": "grpo", "em_by_type": {"single_hop": 0.6, "comparison": 0.2, "three_hop": 0.4},
+           "multi_hop_em": 0.3, "avg_em": 0.45}]
+  assert demo.em_series(rows) == {
+      "single-hop": [0.5, 0.6], "compositional": [None, None], "comparison": [None, 0.2],
+      "three-hop": [0.1, 0.4], "multi-hop": [0.1, 0.3], "average": [0.3, 0.45]}
 
 
 def test_extra_searches_on_correct_answers_remove_the_type_mix():
