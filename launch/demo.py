@@ -351,11 +351,9 @@ def run_demo(config, workdir: str, *, out=None) -> dict:
   table = format_table(rows)
   with open(os.path.join(workdir, "demo_table.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
-  em_plot = plot_em_by_type(rows, os.path.join(os.path.dirname(rep["markdown"]), "report", "em_by_type.png"))
-  rep["plots"].insert(0, em_plot)
+  rep["plots"].insert(0, plot_em_by_type(rows, os.path.join(workdir, "report", "em_by_type.png")))
   with open(rep["markdown"], "a", encoding="utf-8") as f:  # report.md also gets the per-type table and curves
-    f.write(f"\n## Held-out EM per question type (launch/demo.py)\n\n{table}\n\n"
-            f"![em_by_type]({os.path.relpath(em_plot, os.path.dirname(rep['markdown']))})\n")
+    f.write(f"\n## Held-out EM per question type (launch/demo.py)\n\n{table}\n\n![em_by_type](report/em_by_type.png)\n")
   paths = {"results.json": os.path.join(workdir, "results.json"),
            "metrics.jsonl": os.path.join(workdir, "metrics.jsonl"),
            "tensorboard": os.path.join(workdir, "tensorboard"),
