@@ -313,21 +313,13 @@ def em_series(rows: list[dict]) -> dict[str, list[float | None]]:
 
 def plot_em_by_type(rows: list[dict], path: str) -> str:
   """report/em_by_type.png: held-out EM per question type, multi-hop and average, per evaluation. Returns path."""
-  import math
-
   import matplotlib
   matplotlib.use("Agg")
   from launch import report as report_lib
-  fig, ax = report_lib.new_figure("held-out EM per question type")
-  styles = {"multi-hop": dict(ls="--", lw=2.0, color="dimgray"), "average": dict(lw=2.6, color="black")}
-  for name, ys in em_series(rows).items():
-    ax.plot(range(len(rows)), [math.nan if y is None else y for y in ys], marker="o",
-            **styles.get(name, dict(lw=1.2)), label=name)
   labels = ["warm start" if r["phase"] == "init" else f"r{r['round']} {r['phase']}" for r in rows]
-  ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
-  ax.set_ylabel("EM")
-  ax.legend(fontsize=7, ncol=2)
-  report_lib.save_figure(fig, path)
+  report_lib.plot_em_lines("held-out EM per question type", labels, em_series(rows), path,
+                           styles={"multi-hop": dict(marker="o", ls="--", lw=2.0, color="dimgray"),
+                                   "average": dict(marker="o", lw=2.6, color="black")})
   return path
 
 

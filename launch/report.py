@@ -152,8 +152,7 @@ def step_series(rows: list[dict], keys: tuple[str, ...]) -> dict[str, tuple[str,
   return out
 
 
-def new_figure(title: str):
-  """A figure and axes in the report's style (launch/demo.py draws its own plots with it)."""
+def _new_figure(title: str):
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
   ax.set_title(title)
@@ -161,30 +160,39 @@ def new_figure(title: str):
   return fig, ax
 
 
-def save_figure(fig, path: str) -> None:
+def _save(fig, path: str) -> None:
   import matplotlib.pyplot as plt
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
 
 
-def plot_em(rounds: list[dict], path: str) -> str | None:
-  splits = splits_of(rounds)
-  x = list(range(len(rounds)))
-  labels = [_label(r, i) for i, r in enumerate(rounds)]
-  avg = [_number(r.get("avg_em")) for r in rounds]
-  if not splits and all(v is None for v in avg):
-    return "EM plot skipped: no 'em' / 'avg_em' in results.json"
-  fig, ax = new_figure("exact match per benchmark")
-  for s in splits:
-    ys = [_number((r.get("em") or {}).get(s)) if isinstance(r.get("em"), dict) else None for r in rounds]
-    ax.plot(x, [math.nan if y is None else y for y in ys], marker="o", lw=1.2, label=s)
-  if any(v is not None for v in avg):
-    ax.plot(x, [math.nan if v is None else v for v in avg], marker="s", lw=2.6, color="black", label="average")
+def plot_em_lines(title: str, labels: list[str], series: dict[str, list[float | None]], path: str,
+                  styles: dict[str, dict] | None = None) -> None:
+  """One EM line per series (None = no point) over evaluations `labels`; `styles` overrides a line's
+  matplotlib kwargs (default: circles, width 1.2). launch/demo.py draws its per-type curves with it."""
+  fig, ax = _new_figure(title)
+  x = list(range(len(labels)))
+  for name, ys in series.items():
+    style = (styles or {}).get(name, dict(marker="o", lw=1.2))
+    ax.plot(x, [math.nan if y is None else y for y in ys], **style, label=name)
   ax.set_xticks(x, labels, rotation=30, ha="right")
   ax.set_ylabel("EM")
   ax.legend(fontsize=7, ncol=2)
-  save_figure(fig, path)
+  _save(fig, path)
+
+
+def plot_em(rounds: list[dict], path: str) -> str | None:
+  splits = splits_of(rounds)
+  avg = [_number(r.get("avg_em")) for r in rounds]
+  if not splits and all(v is None for v in avg):
+    return "EM plot skipped: no 'em' / 'avg_em' in results.json"
+  series = {s: [_number((r.get("em") or {}).get(s)) if isinstance(r.get("em"), dict) else None for r in rounds]
+            for s in splits}
+  if any(v is not None for v in avg):
+    series["average"] = avg
+  plot_em_lines("exact match per benchmark", [_label(r, i) for i, r in enumerate(rounds)], series, path,
+                styles={"average": dict(marker="s", lw=2.6, color="black")})
   return None
 
 
@@ -196,7 +204,7 @@ def plot_steps(name: str, rows: list[dict], rounds: list[dict], path: str) -> st
   if not series and not evals:
     looked = list(SERIES[name]) + ([f"results.json {res_key}"] if res_key else [])
     return f"{name} plot skipped: not logged (looked for {', '.join(looked)})"
-  fig, ax = new_figure(TITLES[name])
+  fig, ax = _new_figure(TITLES[name])
   for phase, (key, steps, values) in series.items():
     ax.plot(steps, values, lw=1.0, label=f"{phase}: {key}" if phase else key)
   if series:
@@ -210,7 +218,7 @@ def plot_steps(name: str, rows: list[dict], rounds: list[dict], path: str) -> st
     ax2.legend(loc="upper right", fontsize=7)
   if series:
     ax.legend(loc="upper left", fontsize=7)
-  save_figure(fig, path)
+  _save(fig, path)
   return None
 
 
@@ -222,7 +230,7 @@ def plot_timings(rounds: list[dict], path: str) -> str | None:
         phases.append(k)
   if not phases:
     return "timings plot skipped: no 'timings' in results.json"
-  fig, ax = new_figure("seconds per phase")
+  fig, ax = _new_figure("seconds per phase")
   x = list(range(len(rounds)))
   bottom = [0.0] * len(rounds)
   for p in phases:
@@ -233,7 +241,7 @@ def plot_timings(rounds: list[dict], path: str) -> str | None:
   ax.set_xticks(x, [_label(r, i) for i, r in enumerate(rounds)], rotation=30, ha="right")
   ax.set_ylabel("seconds")
   ax.legend(fontsize=7)
-  save_figure(fig, path)
+  _save(fig, path)
   return None
 
 
