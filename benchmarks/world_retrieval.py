@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 from configs.parts import retrieval as retrieval_config  # noqa: E402
-from searche1_jax.data import synthetic_world, transcripts  # noqa: E402
+from searche1_jax.demo import synthetic_world, transcripts  # noqa: E402
 from searche1_jax.retrieval import make_retriever  # noqa: E402
 
 

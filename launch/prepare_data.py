@@ -48,7 +48,7 @@ def main(argv=None) -> int:
   world_dir = args.world_dir or f"{args.raw_dir.rstrip('/')}/{qa.WORLD_NAME}"
   if args.generate_world:
     from configs.parts import world as world_part
-    from searche1_jax.data import synthetic_world
+    from searche1_jax.demo import synthetic_world
 
     cfg = world_part.get()
     if args.world_seed is not None:

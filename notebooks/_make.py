@@ -469,9 +469,9 @@ import warnings
 from transformers import AutoTokenizer
 
 from configs.parts import world as world_part
-from searche1_jax.data import synthetic_world as sw
-from searche1_jax.data import tokenizer as tokenizer_lib
-from searche1_jax.data import transcripts as transcripts_lib
+from searche1_jax.demo import synthetic_world as sw
+from searche1_jax.demo import tokenizer as tokenizer_lib
+from searche1_jax.demo import transcripts as transcripts_lib
 
 
 def tiny_world(out_dir, protocol_cfg, seed=0):
@@ -500,7 +500,7 @@ from searche1_jax.agent import trajectory as trajectory_lib
 
 
 def transcript_trajectory(record, question, tokenizer, template, sample_index=0):
-  """A Trajectory record from a scripted transcript (data/transcripts.py): the prompt as the rollout builds it,
+  """A Trajectory record from a scripted transcript (demo/transcripts.py): the prompt as the rollout builds it,
   then each segment encoded on its own, exactly as the rollout splices observations (policy turns: mask 1)."""
   prompt = rollout_lib.build_prompt_ids(tokenizer, question["question"], template)
   assert tokenizer.decode(prompt, skip_special_tokens=False) == record.segments[0][0], "prompt text differs"
@@ -747,7 +747,7 @@ print("stored top-50 targets == on-the-fly top-50 for", ", ".join(ofsd.KINDS))
 ## 3. A demo pair, scored token by token
 
 Now the real layout. We take one training question of the synthetic world and three scripted sibling
-trajectories (`data/transcripts.py`: an *efficient* one, a *vague* one that wastes a search on a look-alike, and
+trajectories (`demo/transcripts.py`: an *efficient* one, a *vague* one that wastes a search on a look-alike, and
 a *wrong* one), pick the reference and the students with `rl.pairs.select_pairs` (the correct sibling with the
 fewest searches teaches the others), and build each pair with `rl.privileged.build_pair`: the teacher sees the
 prompt **plus a block showing the reference trajectory**, the student sees the plain prompt, and both score the
@@ -955,7 +955,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import HTML, display
 
-from searche1_jax import evaluation
+from searche1_jax.train import evaluation
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.retrieval import make_retriever
 from searche1_jax.rl import grpo
@@ -1183,8 +1183,8 @@ plt.show()
     md("""
 ## For comparison: a scripted policy through the real loop
 
-The warm start (`train/warm_start.py`) trains on scripted transcripts of the *training* questions
-(`data/transcripts.py`). Below, a stand-in policy replays the turns of one efficient transcript through the
+The warm start (`demo/warm_start.py`) trains on scripted transcripts of the *training* questions
+(`demo/transcripts.py`). Below, a stand-in policy replays the turns of one efficient transcript through the
 same `run_rollouts` loop (any object with the `DecodeSession` methods can be the policy): its searches go to the
 real retriever above, the real passages are spliced in, the answer is parsed and scored. This is what a policy
 that follows the protocol produces; the passages may differ from the transcript's simulated ones.

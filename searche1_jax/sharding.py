@@ -80,28 +80,6 @@ def named_sharding(mesh: Mesh, shape: Sequence[int], names: Sequence[str | None]
   return NamedSharding(mesh, spec_for_shape(shape, names, mesh, rules))
 
 
-def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES, params=None):
-  """NamedSharding per parameter of a Qwen2 model (a pytree like the params)."""
-  from searche1_jax.models import qwen2  # local import: sharding must not depend on model code at import
-  logical = qwen2.param_logical_axes(cfg)
-  shapes = params if params is not None else jax.eval_shape(functools.partial(qwen2.init_params, cfg),
-                                                             jax.random.key(0))
-  return jax.tree.map(lambda names, x: named_sharding(mesh, x.shape, names, rules), logical, shapes,
-                      is_leaf=lambda n: isinstance(n, tuple))
-
-
-def shard_params(params, cfg, mesh: Mesh, rules=DEFAULT_RULES):
-  """Place each parameter in the layout the rules give it."""
-  return jax.device_put(params, param_shardings(cfg, mesh, rules, params))
-
-
-def init_sharded_params(cfg, rng: jax.Array, mesh: Mesh, rules=DEFAULT_RULES):
-  """qwen2.init_params created directly in its sharded layout (no device ever holds the full model)."""
-  from searche1_jax.models import qwen2
-  init = jax.jit(functools.partial(qwen2.init_params, cfg), out_shardings=param_shardings(cfg, mesh, rules))
-  return init(rng)
-
-
 def mesh_from_config(block, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh from a `mesh` config block (fields data, fsdp, tensor; see configs/parts/mesh.py)."""
   for f in ("data", "fsdp", "tensor"):

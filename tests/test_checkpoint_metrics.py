@@ -63,7 +63,9 @@ def test_metrics_truncated_on_resume(tmp_path):
 
 
 def test_load_policy_from_trainer_checkpoint(tmp_path):
-  from searche1_jax import evaluation, models, sharding
+  from searche1_jax import models, sharding
+  from searche1_jax.models import qwen2
+  from searche1_jax.train import evaluation
   cfg = models.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                            num_kv_heads=1)
   params = models.init_params(cfg, jax.random.key(1))
@@ -78,7 +80,7 @@ def test_load_policy_from_trainer_checkpoint(tmp_path):
   assert got_cfg == cfg
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
-  assert got["layers"]["mlp"]["up"]["kernel"].sharding.spec == sharding.param_shardings(cfg, mesh)["layers"]["mlp"][
+  assert got["layers"]["mlp"]["up"]["kernel"].sharding.spec == qwen2.param_shardings(cfg, mesh)["layers"]["mlp"][
       "up"]["kernel"].spec
   cfg2, got2 = evaluation.load_trainer_checkpoint(str(tmp_path / "checkpoints"), None, None, None)
   np.testing.assert_array_equal(got2["embed"]["embedding"], params["embed"]["embedding"])

@@ -12,10 +12,10 @@ from configs import demo as demo_config
 from searche1_jax import config_utils
 from searche1_jax.agent import protocol
 from searche1_jax.agent import rollout as rollout_lib
-from searche1_jax.data import synthetic_world as sw
-from searche1_jax.data import tokenizer as tokenizer_lib
-from searche1_jax.data import transcripts as transcripts_lib
-from searche1_jax.train import warm_start
+from searche1_jax.demo import synthetic_world as sw
+from searche1_jax.demo import tokenizer as tokenizer_lib
+from searche1_jax.demo import transcripts as transcripts_lib
+from searche1_jax.demo import warm_start
 
 
 def _smoke_config(cache: str):
@@ -207,7 +207,7 @@ def test_warm_start_loss_is_policy_token_nll_under_transformers(smoke, trained):
   from transformers import AutoModelForCausalLM
 
   from searche1_jax import models
-  from searche1_jax.train import steps
+  from searche1_jax.rl import logprobs
 
   config, world, tok = smoke
   block = trained[0]
@@ -216,7 +216,7 @@ def test_warm_start_loss_is_policy_token_nll_under_transformers(smoke, trained):
   assert batch["attention_mask"].sum(1).min() > 0
 
   cfg, params = models.load_hf(block.out_dir)
-  loss_sum, denom, _ = steps.lm_loss_fn(cfg)(params, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+  loss_sum, denom, _ = logprobs.lm_loss_fn(cfg)(params, {k: jnp.asarray(v) for k, v in batch.items()}, None)
   ours = float(loss_sum) / float(denom)
   assert float(denom) == batch["loss_mask"][:, 1:].sum()
 

@@ -99,7 +99,7 @@ def _check_outputs(setup, workdir, n):
 @pytest.mark.slow  # ~20-35 s with its fixture on 2 busy cores (XLA compiles of sampler and encoder)
 def test_eval_in_process(setup, tmp_path):
   import configs.eval_tiny as eval_tiny
-  from searche1_jax import evaluation
+  from searche1_jax.train import evaluation
   config = eval_tiny.get_config(f"root={setup['root']}")
   config.data.eval_limit.synthetic_world = 5
   config.protocol.max_obs_length = 500  # whole observations: the chain continues after their final '\n\n'

@@ -19,6 +19,7 @@ from searche1_jax.agent import trajectory
 from searche1_jax.models import qwen2
 from searche1_jax.rl import ofsd
 from searche1_jax.rl import grpo
+from searche1_jax.rl import grpo_loss
 from searche1_jax.rl import ofsd_loss
 from searche1_jax.train import steps
 
@@ -280,7 +281,7 @@ def sd_case(seed=2, agg="token-mean"):
 @pytest.fixture(scope="module")
 def grpo_value(models):
   _, batch, _ = sd_case()
-  s, d, _ = jax.jit(steps.grpo_loss_fn(CFG, grpo_block()))(models[0], batch, None)
+  s, d, _ = jax.jit(grpo_loss.grpo_loss_fn(CFG, grpo_block()))(models[0], batch, None)
   return float(s), float(d)
 
 
@@ -325,7 +326,7 @@ def test_grpo_sd_gradient_and_microbatches(models):
   w = float(batch["sd_weight"].max())
   alpha = 0.3
   fn = ofsd_loss.grpo_sd_loss_fn(CFG, grpo_block(agg), block(top_k=None, alpha=alpha))
-  g_fn = steps.grpo_loss_fn(CFG, grpo_block(agg))
+  g_fn = grpo_loss.grpo_loss_fn(CFG, grpo_block(agg))
   frozen = jax.tree.map(jnp.copy, params)
   sd_batch = {k: batch[k] for k in BASE_FIELDS}
   sd_batch["distill_mask"] = batch["distill_mask"] * active[:, None]

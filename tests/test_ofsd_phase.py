@@ -16,10 +16,12 @@ from searche1_jax.agent import actions
 from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory as trajectory_lib
 from searche1_jax.models import qwen2
+from searche1_jax.rl import logprobs
 from searche1_jax.rl import ofsd_loss
 from searche1_jax.rl import ofsd_phase
 from searche1_jax.rl import privileged
 from searche1_jax.train import checkpoint
+from searche1_jax.train import ofsd_runner
 from searche1_jax.train import optim
 from searche1_jax.train import steps
 from test_privileged import enc, make_tokenizer, scripted
@@ -159,7 +161,7 @@ def test_teacher_targets_on_a_mesh(buffer, cfg, tok, groups, params):
   teacher call are rounded up to the data-parallel size (micro-batch 2 < data x fsdp = 4)."""
   mesh = shd.make_mesh(2, 2, 2)
   assert ofsd_phase.data_parallel_rows(2, mesh) == 4 and ofsd_phase.data_parallel_rows(5, None) == 5
-  sharded = shd.shard_params(params, cfg, mesh)
+  sharded = qwen2.shard_params(params, cfg, mesh)
   b = ofsd_phase.build_buffer(sharded, cfg, groups, tok, ofsd_block(), template=TEMPLATE, mesh=mesh)
   np.testing.assert_array_equal(b.target_ids, buffer.target_ids)
   np.testing.assert_allclose(b.target_logprobs, buffer.target_logprobs, rtol=1e-5, atol=1e-6)
@@ -351,7 +353,7 @@ def pretrain(cfg, tok, params, groups, steps_=80):
   mesh = shd.make_mesh(1, 1, 1)
   block = ofsd_part.get().optim
   block.learning_rate, block.warmup_steps, block.weight_decay = 1e-2, 0, 0.0
-  step = steps.model_train_step(cfg, steps.lm_loss_fn(cfg, 16), optim.make_optimizer(block, steps_), mesh)
+  step = steps.model_train_step(cfg, logprobs.lm_loss_fn(cfg, 16), optim.make_optimizer(block, steps_), mesh)
   state = step.init_state(params)
   for _ in range(steps_):
     state, m = step(state, batch)
@@ -415,7 +417,7 @@ def toy(cfg, tok, groups, params):
   policy, nll = pretrain(cfg, tok, params, groups)
   block = ofsd_block(epochs=6)
   block.optim.learning_rate = 3e-3
-  step = ofsd_phase.make_ofsd_step(cfg, block, shd.make_mesh(1, 1, 1))
+  step = ofsd_runner.make_ofsd_step(cfg, block, shd.make_mesh(1, 1, 1))
   return policy, nll, block, step
 
 
@@ -434,7 +436,7 @@ def test_toy_phase_moves_student_toward_reference(cfg, tok, groups, toy):
     calls.append(len(qs))
     return [t for g in groups.values() for t in g]
 
-  result = ofsd_phase.run_ofsd_phase(step.init_state(policy), cfg, block, tok, questions, rollout_fn, step,
+  result = ofsd_runner.run_ofsd_phase(step.init_state(policy), cfg, block, tok, questions, rollout_fn, step,
                                      seed=SEED, template=TEMPLATE, eval_rollout_fn=greedy_rollout(cfg, tok))
   m = result.metrics
   p_answer_after = first_action_prob(result.state.params, cfg, tok, groups)

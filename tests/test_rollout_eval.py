@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from searche1_jax import evaluation
+from searche1_jax.train import evaluation
 from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory as trajectory_lib
 from rollout_testlib import ScriptedRetriever, ScriptedSession, configs, enc, make_tokenizer

@@ -18,7 +18,7 @@ def setup():
   cfg = tiny_cfg()
   params = jax.jit(qwen2.init_params, static_argnums=0)(cfg.replace(initializer_range=0.2), jax.random.key(8))
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-  sharded = sharding.shard_params(params, cfg, mesh)
+  sharded = qwen2.shard_params(params, cfg, mesh)
   rng = np.random.default_rng(4)
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 12, 3, 8, 1, 9)]
   return cfg, params, sharded, mesh, prompts

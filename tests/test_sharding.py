@@ -67,7 +67,7 @@ def test_rules_from_config_validates():
 
 
 def test_params_carry_rule_shardings(mesh):
-  params = sharding.shard_params(random_params(CFG), CFG, mesh)
+  params = qwen2.shard_params(random_params(CFG), CFG, mesh)
   axes = qwen2.param_logical_axes(CFG)
   named_axes = dict(_leaves_with_names(axes, is_leaf=lambda n: isinstance(n, tuple)))
   for name, x in _leaves_with_names(params):
@@ -91,7 +91,7 @@ def test_sharded_forward_equals_single_device(mesh):
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (8, 12)))
   mask = jnp.asarray(np.arange(12)[None, :] >= np.array([0, 3, 0, 5, 0, 0, 1, 11])[:, None])
   ref = np.asarray(qwen2.forward(params, CFG, tokens, attention_mask=mask))
-  sp = sharding.shard_params(params, CFG, mesh)
+  sp = qwen2.shard_params(params, CFG, mesh)
   st = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
   sm = jax.device_put(mask, sharding.batch_sharding(mesh, 2))
   assert st.sharding.spec == P(("data", "fsdp"), None)
@@ -109,17 +109,17 @@ def test_sharded_grad_equals_single_device(mesh):
     return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], -1))
 
   ref = jax.jit(jax.grad(loss))(params, tokens)
-  shardings = sharding.param_shardings(CFG, mesh)
-  got = jax.jit(jax.grad(loss), out_shardings=shardings)(sharding.shard_params(params, CFG, mesh),
+  shardings = qwen2.param_shardings(CFG, mesh)
+  got = jax.jit(jax.grad(loss), out_shardings=shardings)(qwen2.shard_params(params, CFG, mesh),
                                                           jax.device_put(tokens, sharding.batch_sharding(mesh, 2)))
   for (name, g), r in zip(_leaves_with_names(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, rtol=1e-5, err_msg=name)
 
 
 def test_init_sharded_params_matches_init_params(mesh):
-  got = sharding.init_sharded_params(CFG, jax.random.key(3), mesh)
+  got = qwen2.init_sharded_params(CFG, jax.random.key(3), mesh)
   ref = qwen2.init_params(CFG, jax.random.key(3))
-  want = sharding.param_shardings(CFG, mesh)
+  want = qwen2.param_shardings(CFG, mesh)
   for (name, g), r, s in zip(_leaves_with_names(got), jax.tree.leaves(ref), jax.tree.leaves(want)):
     assert g.sharding == s, name
     # Same random stream; only float rounding of the fused sharded program may differ (1 ulp).
@@ -131,7 +131,7 @@ def test_load_hf_with_mesh_gives_same_sharded_arrays(tmp_path, mesh, tie):
   cfg = CFG.replace(tie_word_embeddings=tie)
   params = random_params(cfg, seed=4)
   hf.save_hf(params, cfg, tmp_path, max_shard_bytes=20_000)  # several shard files + index
-  want = sharding.shard_params(params, cfg, mesh)
+  want = qwen2.shard_params(params, cfg, mesh)
   cfg2, got = hf.load_hf(tmp_path, mesh=mesh)
   assert cfg2 == cfg.replace(attention_block=cfg2.attention_block)  # a speed knob, not stored in config.json
   assert jax.tree.structure(got) == jax.tree.structure(want)

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from configs.parts import world as world_part
-from searche1_jax.data import synthetic_world as sw
+from searche1_jax.demo import synthetic_world as sw
 
 
 def small_cfg(seed=0):

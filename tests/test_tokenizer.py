@@ -6,9 +6,9 @@ import pytest
 
 from configs.parts import world as world_part
 from searche1_jax.agent import protocol
-from searche1_jax.data import synthetic_world as sw
-from searche1_jax.data import tokenizer as tk
-from searche1_jax.data import transcripts as tr
+from searche1_jax.demo import synthetic_world as sw
+from searche1_jax.demo import tokenizer as tk
+from searche1_jax.demo import transcripts as tr
 
 
 def small_cfg():

@@ -14,6 +14,8 @@ from configs.parts import grpo as grpo_part
 from configs.parts import optim as optim_part
 from searche1_jax import sharding as shd
 from searche1_jax.models import qwen2
+from searche1_jax.rl import grpo_loss
+from searche1_jax.rl import logprobs
 from searche1_jax.train import optim, steps
 from searche1_jax.train.state import TrainState
 
@@ -217,13 +219,13 @@ def test_config_errors_name_the_field(model):
   with pytest.raises(ValueError, match="schedule='linear'"):
     optim.make_schedule(c, 10)
   with pytest.raises(ValueError, match="tis_cap"):
-    steps.GRPOOptions.from_config(grpo_block(tis_cap=2.0, old_logprobs="sampler"))
+    grpo_loss.GRPOOptions.from_config(grpo_block(tis_cap=2.0, old_logprobs="sampler"))
   with pytest.raises(ValueError, match="ref_on_host"):
-    steps.GRPOOptions.from_config(grpo_block(ref_on_host=True, ref_logprobs="in_step"))
+    grpo_loss.GRPOOptions.from_config(grpo_block(ref_on_host=True, ref_logprobs="in_step"))
   with pytest.raises(ValueError, match="agg='mean'"):
-    steps.GRPOOptions.from_config(grpo_block(agg="mean"))
+    grpo_loss.GRPOOptions.from_config(grpo_block(agg="mean"))
   params, ref, batch, _ = model
-  loss_fn = steps.grpo_loss_fn(CFG, grpo_block())
+  loss_fn = grpo_loss.grpo_loss_fn(CFG, grpo_block())
   bad = {k: v for k, v in batch.items() if k != "advantages"}
   with pytest.raises(ValueError, match="'advantages'"):
     loss_fn(params, bad, ref)
@@ -240,7 +242,7 @@ def test_config_errors_name_the_field(model):
 def test_grpo_loss_matches_numpy(model, agg):
   params, ref, batch, exact = model
   ref_logp = np_aligned_logprobs(ref, batch["tokens"], batch["attention_mask"])
-  loss_fn = jax.jit(steps.grpo_loss_fn(CFG, grpo_block(agg=agg, clip_eps=0.1, clip_eps_high=0.25)))
+  loss_fn = jax.jit(grpo_loss.grpo_loss_fn(CFG, grpo_block(agg=agg, clip_eps=0.1, clip_eps_high=0.25)))
   loss_sum, denom, metrics = loss_fn(params, batch, ref)
   want = np_grpo_loss(exact, batch["old_logprobs"], ref_logp, batch["advantages"], batch["loss_mask"],
                       clip_lo=0.1, clip_hi=0.25, kl_coef=KL_COEF, agg=agg)
@@ -255,7 +257,7 @@ def test_grpo_loss_matches_numpy(model, agg):
 def test_grpo_gradient_matches_dense_formula(model):
   """Gradient of the chunked GRPO loss_fn == autodiff of a dense, full-logits formulation written here."""
   params, ref, batch, _ = model
-  loss_fn = steps.grpo_loss_fn(CFG, grpo_block(agg="token-mean"))
+  loss_fn = grpo_loss.grpo_loss_fn(CFG, grpo_block(agg="token-mean"))
   ref_logp = jnp.asarray(np_aligned_logprobs(ref, batch["tokens"], batch["attention_mask"]), jnp.float32)
 
   def dense(p):
@@ -277,7 +279,7 @@ def test_grpo_gradient_matches_dense_formula(model):
 
 def test_lm_loss_matches_numpy(model):
   params, _, batch, exact = model
-  loss_sum, denom, metrics = jax.jit(steps.lm_loss_fn(CFG, chunk_size=8))(params, batch, None)
+  loss_sum, denom, metrics = jax.jit(logprobs.lm_loss_fn(CFG, chunk_size=8))(params, batch, None)
   m = batch["loss_mask"][:, 1:] == 1
   assert float(denom) == m.sum()
   np.testing.assert_allclose(float(loss_sum), -exact[:, 1:][m].sum(), rtol=1e-5)
@@ -306,16 +308,16 @@ def test_learner_rows_buckets_and_left_out_denominators():
   mask = np.zeros((80, 12), np.int32)
   for r in range(80):  # row r has r % 7 policy tokens from position 2 on
     mask[r, 2:2 + r % 7] = 1
-  rows, extra = steps.learner_rows(adv, mask, "token-mean")
+  rows, extra = grpo_loss.learner_rows(adv, mask, "token-mean")
   assert len(rows) == 40 and np.all(np.diff(rows) > 0)  # 25 rounded up to 2 x (80 / 4)
   assert set(np.flatnonzero(adv)) <= set(rows)
   left_out = np.setdiff1d(np.arange(80), rows)
   assert extra[0] == mask[left_out, 1:].sum() and not extra[1:].any()
-  rows, extra = steps.learner_rows(adv, mask, "seq-mean-token-sum")
+  rows, extra = grpo_loss.learner_rows(adv, mask, "seq-mean-token-sum")
   assert extra[0] == 40
-  rows, _ = steps.learner_rows(np.zeros(80), mask, "token-mean", multiple=8)  # 80 / 4 = 20 -> 24 (multiple of 8)
+  rows, _ = grpo_loss.learner_rows(np.zeros(80), mask, "token-mean", multiple=8)  # 80 / 4 = 20 -> 24 (multiple of 8)
   assert len(rows) == 24
-  rows, extra = steps.learner_rows(np.ones(80), mask, "token-mean")
+  rows, extra = grpo_loss.learner_rows(np.ones(80), mask, "token-mean")
   assert len(rows) == 80 and not extra.any()
 
 
@@ -326,8 +328,8 @@ def test_left_out_zero_advantage_rows_give_the_same_update(model, agg):
   batch = dict(batch, advantages=batch["advantages"] * np.array([0, 1, 0, 1, 0, 0, 1, 0], np.float32))
   gs = build(kl_coef=0.0, agg=agg)
   want_p, want_m = run_steps(gs, params, None, batch)
-  rows, extra = steps.learner_rows(batch["advantages"], batch["loss_mask"], agg, buckets=B, min_rows=1)
-  assert len(steps.learner_rows(batch["advantages"], batch["loss_mask"], agg)[0]) == B  # small: kept whole
+  rows, extra = grpo_loss.learner_rows(batch["advantages"], batch["loss_mask"], agg, buckets=B, min_rows=1)
+  assert len(grpo_loss.learner_rows(batch["advantages"], batch["loss_mask"], agg)[0]) == B  # small: kept whole
   assert len(rows) == 3
   sub = dict({k: v[rows] for k, v in batch.items()}, denominator_extra=extra)
   got_p, got_m = run_steps(gs, params, None, sub)
@@ -446,4 +448,4 @@ def test_precomputed_reference_on_host_equals_in_step(model, base_result):
 def test_clip_eps_high_none_means_symmetric():
   c = grpo_block(clip_eps=0.15)
   c.clip_eps_high = None
-  assert steps.GRPOOptions.from_config(c).clip_eps_high == 0.15
+  assert grpo_loss.GRPOOptions.from_config(c).clip_eps_high == 0.15

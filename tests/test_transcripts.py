@@ -8,8 +8,8 @@ import pytest
 from configs.parts import protocol as protocol_part
 from configs.parts import world as world_part
 from searche1_jax.agent import protocol
-from searche1_jax.data import synthetic_world as sw
-from searche1_jax.data import transcripts as tr
+from searche1_jax.demo import synthetic_world as sw
+from searche1_jax.demo import transcripts as tr
 from searche1_jax.retrieval import misses
 
 # REFERENCE.md, Search-R1 template_type='base', written out independently of the module.

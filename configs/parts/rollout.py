@@ -2,7 +2,7 @@
 
 The Search-R1 protocol itself (template, max_turns, topk, token limits) is `config.protocol`
 (configs/parts/protocol.py); this block holds the knobs of the host loop around it
-(searche1_jax/agent/rollout.py) and of evaluation (searche1_jax/evaluation.py). The group size is
+(searche1_jax/agent/rollout.py) and of evaluation (searche1_jax/train/evaluation.py). The group size is
 `config.grpo.group_size`; training sampling parameters (temperature, top_p, top_k) are the sampling block's.
 """
 import ml_collections

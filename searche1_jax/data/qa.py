@@ -60,7 +60,7 @@ SEARCH_R1_HINT = ("or Search-R1 parquet files: `python scripts/data_process/qa_s
                   "in a PeterGriffinJin/Search-R1 checkout")
 WORLD_HINT = ("synthetic world: `python -m launch.prepare_data --datasets synthetic_world "
               "--generate_world --world_dir <dir> ...` or "
-              "searche1_jax.data.synthetic_world.write_world(<dir>, cfg)")
+              "searche1_jax.demo.synthetic_world.write_world(<dir>, cfg)")
 
 
 @dataclasses.dataclass(frozen=True)

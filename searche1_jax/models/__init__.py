@@ -5,11 +5,8 @@ from searche1_jax.models.qwen2 import (
 
 
 def __getattr__(name):
-  # Imported lazily: hf.py pulls in safetensors/json I/O, logprobs imports this package.
+  # Imported lazily: hf.py pulls in safetensors/json I/O.
   if name in ("load_hf", "save_hf", "config_from_hf", "config_to_hf", "model_from_config", "HFCheckpointError"):
     from searche1_jax.models import hf
     return getattr(hf, name)
-  if name == "token_logprobs":
-    from searche1_jax.rl.logprobs import token_logprobs
-    return token_logprobs
   raise AttributeError(name)

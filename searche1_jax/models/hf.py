@@ -414,7 +414,7 @@ def load_hf(hf_dir: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mes
   entries = _name_map(cfg)
   _check_tensors(reader, entries, cfg, config_path)
 
-  shardings = sharding_lib.param_shardings(cfg, mesh, rules) if mesh is not None else None
+  shardings = qwen2.param_shardings(cfg, mesh, rules) if mesh is not None else None
   params: dict = {}
   for e in entries:
     shape, fn = _leaf_reader(reader, e, cfg, np_dtype)
@@ -542,4 +542,4 @@ def model_from_config(block, mesh: jax.sharding.Mesh | None = None, rules=shardi
   rng = jax.random.key(block.seed) if rng is None else rng
   if mesh is None:
     return cfg, qwen2.init_params(cfg, rng)
-  return cfg, sharding_lib.init_sharded_params(cfg, rng, mesh, rules)
+  return cfg, qwen2.init_sharded_params(cfg, rng, mesh, rules)

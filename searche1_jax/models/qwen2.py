@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from searche1_jax import sharding as shd
+
 Params = dict[str, Any]
 
 # Large negative instead of -inf so fully masked rows (left padding) give uniform weights, never NaN.
@@ -461,3 +463,25 @@ def forward_with_cache(params: Params, cfg: Qwen2Config, tokens: jax.Array, cach
   x, cache = _run_layers(params, cfg, x, positions, key_mask, cache, write_index.astype(jnp.int32))
   x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype).apply({"params": params["final_norm"]}, x)
   return x, cache
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+
+def param_shardings(cfg, mesh: jax.sharding.Mesh, rules=shd.DEFAULT_RULES, params=None):
+  """NamedSharding per parameter of a Qwen2 model (a pytree like the params)."""
+  logical = param_logical_axes(cfg)
+  shapes = params if params is not None else jax.eval_shape(functools.partial(init_params, cfg),
+                                                             jax.random.key(0))
+  return jax.tree.map(lambda names, x: shd.named_sharding(mesh, x.shape, names, rules), logical, shapes,
+                      is_leaf=lambda n: isinstance(n, tuple))
+
+
+def shard_params(params, cfg, mesh: jax.sharding.Mesh, rules=shd.DEFAULT_RULES):
+  """Place each parameter in the layout the rules give it."""
+  return jax.device_put(params, param_shardings(cfg, mesh, rules, params))
+
+
+def init_sharded_params(cfg, rng: jax.Array, mesh: jax.sharding.Mesh, rules=shd.DEFAULT_RULES):
+  """init_params created directly in its sharded layout (no device ever holds the full model)."""
+  init = jax.jit(functools.partial(init_params, cfg), out_shardings=param_shardings(cfg, mesh, rules))
+  return init(rng)

@@ -5,7 +5,7 @@ find it; searching again is what an agent learns to do about it. The synthetic d
 never wrong (top-1 0.97 on the world's plan queries), so `retrieval.miss_rate` > 0 makes it wrong on purpose:
 whether a query misses depends only on its normalized text and `miss_seed`, so the same search misses again,
 another wording is an independent draw, runs are reproducible, and the warm-start transcripts
-(`data/transcripts.py`, `transcripts.miss_rate`) script the same misses the rollouts then meet.
+(`demo/transcripts.py`, `transcripts.miss_rate`) script the same misses the rollouts then meet.
 """
 from __future__ import annotations
 

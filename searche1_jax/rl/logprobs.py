@@ -1,4 +1,5 @@
-"""Per-token log-probs from hidden states, chunked over time: no [B, T, V] logits array ever exists.
+"""Per-token log-probs from hidden states, chunked over time (no [B, T, V] logits array ever exists), the batch
+fields every loss reads, the loss contract, and the plain language-modelling loss.
 
 Qwen2.5's vocabulary has 151,936 entries; a full [B, T, V] float32 logits array for 8 x 4096 tokens would be
 ~20 GB. We project one time chunk at a time inside a rematerialized scan, so forward and backward hold
@@ -11,11 +12,16 @@ row, instead of [B, T] -- prompts and retrieved passages are most of a search tr
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from searche1_jax.models import qwen2
+
+# The contract of every loss with the generic train step (train/steps.py):
+#   loss_fn(params, micro_batch, ref_params_or_None) -> (loss_sum, denominator, metrics), loss = sum / denominator.
+LossFn = Callable[[Any, Mapping[str, jax.Array], Any], tuple[jax.Array, jax.Array, dict]]
 
 
 def _pad_time(x, multiple, value=0):
@@ -105,3 +111,59 @@ def token_logprobs(params, cfg: qwen2.Qwen2Config, tokens: jax.Array, targets: j
     outs = tuple(jnp.where(mask.astype(bool), o, 0.0) for o in outs)
   return outs if return_entropy else outs[0]
 
+
+# ----------------------------------------------------------------------------------------------- batches
+
+BATCH_FIELDS = {"tokens": 2, "attention_mask": 2, "loss_mask": 2}
+# Optional: the scored positions packed per row (agent.trajectory.packed_targets); only they are projected.
+PACKED_FIELDS = ("target_index", "target_valid")
+
+
+def check_fields(batch, fields: Mapping[str, int], where: str):
+  """Clear errors for a batch missing `fields` (name -> ndim, [B, T] or [B]) or holding them in other shapes."""
+  for name, ndim in fields.items():
+    if name not in batch:
+      raise ValueError(f"{where}: batch has no field {name!r} (have {sorted(batch)}); see the batch format in "
+                       "searche1_jax/rl/grpo_loss.py")
+  b, t = batch["tokens"].shape if jnp.ndim(batch["tokens"]) == 2 else (None, None)
+  if b is None:
+    raise ValueError(f"{where}: batch['tokens'] must be [B, T], got shape {jnp.shape(batch['tokens'])}")
+  if t < 2:
+    raise ValueError(f"{where}: batch['tokens'] needs T >= 2 (one input and one target), got T={t}")
+  for name, ndim in fields.items():
+    want = (b, t) if ndim == 2 else (b,)
+    if tuple(jnp.shape(batch[name])) != want:
+      raise ValueError(f"{where}: batch[{name!r}] has shape {tuple(jnp.shape(batch[name]))}, expected {want}")
+
+
+def shifted_logprobs(params, cfg: qwen2.Qwen2Config, batch, *, chunk_size: int, temperature: float = 1.0,
+                     return_entropy: bool = False):
+  """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1 on policy tokens: [B, T-1] float32 (0 where
+  loss_mask[:, 1:] is 0), and the entropy [B, T-1] in nats if return_entropy. Chunked: no [B, T, V] array.
+  A batch with target_index / target_valid (agent.trajectory.packed_targets) projects only those positions."""
+  tokens = batch["tokens"].astype(jnp.int32)
+  return token_logprobs(params, cfg, tokens[:, :-1], tokens[:, 1:], batch["loss_mask"][:, 1:], chunk_size,
+                        attention_mask=batch["attention_mask"][:, :-1], temperature=temperature,
+                        return_entropy=return_entropy, target_index=batch.get("target_index"),
+                        target_valid=batch.get("target_valid"))
+
+
+def align_to_tokens(x: jax.Array) -> jax.Array:
+  """[B, T-1] per-target values -> [B, T] aligned with tokens (column 0, which is never a target, is 0)."""
+  return jnp.pad(x, ((0, 0), (1, 0)))
+
+
+def lm_loss_fn(cfg: qwen2.Qwen2Config, chunk_size: int = 128) -> LossFn:
+  """Token-level language-modelling loss for warm start: loss_sum = -sum log p(token) over loss_mask[:, 1:],
+  denominator = the number of those tokens. Batch: tokens, attention_mask, loss_mask (format above).
+  Metrics: tokens, nll (mean negative log-likelihood per token, nats)."""
+
+  def loss_fn(params, batch, ref_params):
+    del ref_params
+    check_fields(batch, BATCH_FIELDS, "lm loss")
+    logp = shifted_logprobs(params, cfg, batch, chunk_size=chunk_size)
+    n = batch["loss_mask"][:, 1:].astype(bool).sum().astype(jnp.float32)
+    loss_sum = -jnp.sum(logp)  # logp is 0 off the mask
+    return loss_sum, n, {"tokens": n, "nll": (jax.lax.stop_gradient(loss_sum), n)}
+
+  return loss_fn

@@ -44,7 +44,7 @@ import numpy as np
 from searche1_jax.models import qwen2
 from searche1_jax.rl import grpo, ofsd
 from searche1_jax.rl.logprobs import chunked_time_map
-from searche1_jax.train import steps
+from searche1_jax.rl import grpo_loss
 
 f32 = jnp.float32
 
@@ -255,7 +255,7 @@ def ofsd_loss_fn(cfg: qwen2.Qwen2Config, ofsd_block):
 def grpo_sd_loss_fn(cfg: qwen2.Qwen2Config, grpo_block, ofsd_block):
   """ON-POLICY loss L = L_GRPO + alpha * L_SD (batch: the GRPO batch + teacher fields, distill_mask, sd_weight).
 
-  The GRPO part is `steps.grpo_loss_fn` unchanged (ref_params, if any, remain the KL reference). The SD teacher
+  The GRPO part is `grpo_loss.grpo_loss_fn` unchanged (ref_params, if any, remain the KL reference). The SD teacher
   is the CURRENT params under stop-gradient, reading teacher_tokens (the group's best sibling as context); its
   support is the full vocabulary or, with ofsd.top_k, the teacher's top-k + tail computed on the fly. The SD
   branch is skipped (lax.cond) when no row is active (warm-up, no reference in the batch).
@@ -264,7 +264,7 @@ def grpo_sd_loss_fn(cfg: qwen2.Qwen2Config, grpo_block, ofsd_block):
   Note: the student's forward pass runs twice (once inside grpo_loss_fn, once here).
   """
   o = DivergenceOptions.from_config(ofsd_block)
-  grpo_fn = steps.grpo_loss_fn(cfg, grpo_block)
+  grpo_fn = grpo_loss.grpo_loss_fn(cfg, grpo_block)
   fields = dict(_STUDENT_FIELDS, **_TEACHER_FIELDS, sd_weight=1)
 
   def loss_fn(params, batch, ref_params):

@@ -1,6 +1,6 @@
 """The OFSD phase: pairs -> privileged layouts -> teacher targets (once) -> student epochs; resumable.
 
-After a GRPO round the trainer (or `run_ofsd_phase`) does:
+After a GRPO round the trainer (train/ofsd_runner.py) does:
 
   trajs  = rollouts of the round's policy on its training questions, ofsd.group_size per question
   buffer = build_buffer(teacher_params, cfg, group_by_question(trajs), tokenizer, ofsd_block, ...)
@@ -46,8 +46,6 @@ from searche1_jax.rl import ofsd
 from searche1_jax.rl import ofsd_loss
 from searche1_jax.rl import pairs as pairs_lib
 from searche1_jax.rl import privileged
-from searche1_jax.train import optim
-from searche1_jax.train import steps
 
 Trajectory = trajectory_lib.Trajectory
 STORAGE = ("host", "disk")
@@ -667,33 +665,6 @@ def max_updates_per_phase(ofsd_block) -> int:
   return popts.epochs * max(1, math.ceil(pairs / popts.batch_size))
 
 
-def make_ofsd_step(cfg: qwen2.Qwen2Config, ofsd_block, mesh, *, total_steps: int | None = None,
-                   rules=shd.DEFAULT_RULES, donate: bool = True) -> steps.TrainStep:
-  """The student train step of the offline phase: ofsd_loss_fn for the block, the block's own optimizer
-  (ofsd.optim), ofsd.num_microbatches, and the teacher snapshot in ref_params in full-vocabulary mode."""
-  popts = PhaseOptions.from_config(ofsd_block)
-  dopts = ofsd_loss.DivergenceOptions.from_config(ofsd_block)
-  total = total_steps or max_updates_per_phase(ofsd_block)
-  tx = optim.make_optimizer(ofsd_block.optim, total)
-  return steps.model_train_step(cfg, ofsd_loss.ofsd_loss_fn(cfg, ofsd_block), tx, mesh, rules,
-                                num_microbatches=popts.num_microbatches, with_ref_params=not dopts.top_k,
-                                lr_schedule=optim.make_schedule(ofsd_block.optim, total), donate=donate)
-
-
-def make_grpo_sd_step(cfg: qwen2.Qwen2Config, grpo_block, ofsd_block, tx, mesh, *, rules=shd.DEFAULT_RULES,
-                      lr_schedule: Callable | None = None, donate: bool = True) -> steps.GRPOStep:
-  """steps.make_grpo_step with the on-policy loss L_GRPO + alpha * L_SD (batches need on_policy_sd_fields)."""
-  o = steps.GRPOOptions.from_config(grpo_block)
-  in_step_ref = o.uses_ref and o.ref_logprobs == "in_step"
-  train = steps.model_train_step(cfg, ofsd_loss.grpo_sd_loss_fn(cfg, grpo_block, ofsd_block), tx, mesh, rules,
-                                 num_microbatches=o.num_microbatches, with_ref_params=in_step_ref,
-                                 lr_schedule=lr_schedule, donate=donate)
-  logprobs = steps.make_logprob_fn(cfg, mesh=mesh, param_shardings=train.param_shardings,
-                                   chunk_size=o.logprob_chunk_size, temperature=o.temperature,
-                                   num_microbatches=o.num_microbatches, rules=rules)
-  return steps.GRPOStep(options=o, cfg=cfg, train=train, logprobs=logprobs)
-
-
 def on_policy_sd_fields(trajectories: Sequence[Trajectory], batch: Mapping[str, np.ndarray], tokenizer, ofsd_block,
                         *, step: int, agg: str, template: str = protocol.SEARCH_R1_TEMPLATE,
                         pad_to: int | Sequence[int] | None = None,
@@ -747,72 +718,3 @@ def on_policy_sd_fields(trajectories: Sequence[Trajectory], batch: Mapping[str, 
     t_pos[r, p_s - 1:n] = np.arange(p_s - 1, n) + shifts[r]
   return {"teacher_tokens": t_tokens, "teacher_attention_mask": t_att, "teacher_pos": t_pos,
           "distill_mask": dmask, "sd_weight": ofsd_loss.sd_weights(batch["loss_mask"], dmask, active, agg)}
-
-
-# ----------------------------------------------------------------------------------------------- whole phase
-
-
-@dataclasses.dataclass
-class PhaseResult:
-  state: Any
-  buffer: OfsdBuffer
-  metrics: dict[str, float]
-  history: list[dict[str, float]]  # the train step's metrics per update
-  post_trajectories: list[Trajectory] | None = None
-
-
-def run_ofsd_phase(state, cfg: qwen2.Qwen2Config, ofsd_block, tokenizer, questions: Sequence[Mapping[str, Any]],
-                   rollout_fn: Callable, train_step: steps.TrainStep, *, seed: int = 0,
-                   template: str = protocol.SEARCH_R1_TEMPLATE, eval_rollout_fn: Callable | None = None,
-                   workdir: str | None = None, name: str = "phase", pad_to=None,
-                   log_fn: Callable[[int, dict], None] | None = None) -> PhaseResult:
-  """The whole offline phase in one call (no mid-phase checkpoints), built from the pieces above.
-
-  Args:
-    state: the TrainState of `train_step` (make_ofsd_step); in full-vocabulary mode its ref_params are replaced
-      by a copy of its params (the round's teacher snapshot).
-    questions: records with 'id', 'question', 'golden_answers'.
-    rollout_fn: (params, questions) -> trajectories, ofsd.group_size per question (any order).
-    eval_rollout_fn: optional (params, questions) -> trajectories after the phase (e.g. greedy) for the behaviour
-      metrics; None skips them.
-    log_fn: called as log_fn(update_index, metrics) after every update.
-  Returns:
-    PhaseResult(state, buffer, metrics (phase_metrics + 'updates'), history, post_trajectories).
-  """
-  popts = PhaseOptions.from_config(ofsd_block)
-  dopts = ofsd_loss.DivergenceOptions.from_config(ofsd_block)
-  full = not dopts.top_k
-  if full:
-    if train_step.state_shardings.ref_params is None:
-      raise ValueError("run_ofsd_phase: full-vocabulary OFSD (ofsd.top_k None/0) needs a train step built with "
-                       "with_ref_params=True (make_ofsd_step does this)")
-    state = state.replace(ref_params=steps.fresh_copy(state.params, train_step.param_shardings))
-    teacher = state.ref_params
-  else:
-    teacher = state.params  # read before any update; the targets are on the host before the first step
-
-  trajs = list(rollout_fn(teacher, questions))
-  buffer = build_buffer(teacher, cfg, group_by_question(trajs), tokenizer, ofsd_block, template=template,
-                        workdir=workdir, name=name, pad_to=pad_to, mesh=train_step.mesh, rules=train_step.rules)
-  eval_fn = make_eval_fn(ofsd_loss.ofsd_loss_fn(cfg, ofsd_block))
-  rows = data_parallel_rows(popts.micro_batch_size, train_step.mesh, train_step.rules)
-
-  def divergence(s):
-    return mean_divergence(s.params, buffer, eval_fn, rows, ref_params=s.ref_params if full else None,
-                           pad_to=pad_to, shard_batch=train_step.shard_batch)
-
-  before = divergence(state)
-  history = []
-  if buffer.num_pairs:
-    for epoch in range(popts.epochs):
-      for batch in iterate_batches(buffer, epoch, popts.batch_size, seed, pad_to=pad_to):
-        state, metrics = train_step(state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        history.append(metrics)
-        if log_fn is not None:
-          log_fn(len(history) - 1, metrics)
-  after = divergence(state) if history else before
-  post = list(eval_rollout_fn(state.params, questions)) if eval_rollout_fn is not None else None
-  metrics = phase_metrics(buffer, divergence_before=before, divergence_after=after, post_trajectories=post)
-  metrics["updates"] = float(len(history))
-  return PhaseResult(state=state, buffer=buffer, metrics=metrics, history=history, post_trajectories=post)

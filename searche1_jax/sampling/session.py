@@ -73,7 +73,7 @@ class Session:
   """Sampling state for a fixed set of sequences (see the module docstring for the protocol).
 
   Args:
-    params, cfg: the Qwen2 params pytree (sharded by `sharding.shard_params` when mesh is given) and config.
+    params, cfg: the Qwen2 params pytree (sharded by `qwen2.shard_params` when mesh is given) and config.
     prompts: N non-empty lists of token ids; prefilled at construction.
     max_len: the most tokens one sequence may hold (prompt + everything decoded or appended).
     temperature, top_p, top_k: default sampling parameters (temperature 0 = greedy; top_k 0 = off);

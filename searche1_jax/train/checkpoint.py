@@ -121,7 +121,7 @@ def load_policy(path: str, step: int | None = None, *, mesh=None, rules=None, ho
     abstract = jax.eval_shape(lambda: qwen2.init_params(cfg, jax.random.key(0)))
     if not host:
       if mesh is not None:
-        shards = sharding.param_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES, abstract)
+        shards = qwen2.param_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES, abstract)
       else:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shards = jax.tree.map(lambda _: dev, abstract)

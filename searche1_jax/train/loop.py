@@ -34,11 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from searche1_jax import config_utils, evaluation, models, sharding
+from searche1_jax import config_utils, models, sharding
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
 from searche1_jax.rl import grpo as grpo_math
+from searche1_jax.rl import grpo_loss
 from searche1_jax.train import checkpoint as checkpoint_lib
+from searche1_jax.train import evaluation
 from searche1_jax.train import metrics as metrics_lib
 from searche1_jax.train import optim, steps
 
@@ -218,7 +220,7 @@ class Trainer:
                                      **self._on_policy_kwargs())
     o = self.grpo.options
     # Zero-advantage rows add nothing to the loss or its gradient without a KL term: the learner skips them (the
-    # denominator still counts them, so the update is the same; steps.learner_rows). Needs one mini-batch per
+    # denominator still counts them, so the update is the same; grpo_loss.learner_rows). Needs one mini-batch per
     # rollout batch (several would split a different set of rows), and one process (hosts would pick different
     # row counts).
     self.skip_zero_advantage = (bool(config.grpo.skip_zero_advantage_rows) and not o.uses_ref
@@ -388,7 +390,7 @@ class Trainer:
     batch = trajectory_lib.to_batch(trajs, adv, pad_id=self.pad_id)
     rows = np.arange(len(trajs))
     if self.skip_zero_advantage:
-      rows, extra = steps.learner_rows(adv, batch["loss_mask"], self.grpo.options.agg, multiple=self.batch_multiple)
+      rows, extra = grpo_loss.learner_rows(adv, batch["loss_mask"], self.grpo.options.agg, multiple=self.batch_multiple)
       if len(rows) < len(trajs):  # rebuilt from the kept rows: their own (often shorter) length bucket
         batch = trajectory_lib.to_batch([trajs[i] for i in rows], adv[rows], pad_id=self.pad_id)
         batch["denominator_extra"] = extra

@@ -1,9 +1,9 @@
-"""Pure, jitted, sharded train steps with exact micro-batch gradient accumulation, and the losses they train.
+"""Pure, jitted, sharded train steps with exact micro-batch gradient accumulation, and the GRPO learner.
 
 The generic step
 ----------------
 `make_train_step(loss_fn, tx, ...)` builds `step(state, batch) -> (state, metrics)`, jitted once with explicit
-in/out shardings (params by `sharding.param_shardings`, every batch leaf by `sharding.batch_sharding` on its
+in/out shardings (params by `qwen2.param_shardings`, every batch leaf by `sharding.batch_sharding` on its
 leading axis, metrics replicated) and the state donated. It serves every loss of the project through one
 contract:
 
@@ -19,25 +19,8 @@ divides once at the end, so accumulation is exact: the update equals the one of 
 The step adds: loss, loss_sum, denominator, grad_norm (before clipping), update_norm, param_norm and
 learning_rate (when a schedule is given).
 
-GRPO batch format (the rollout produces it from trajectories; B sequences of T tokens)
--------------------------------------------------------------------------------------
-  tokens          [B, T] int32   prompt + response, right-padded
-  attention_mask  [B, T] int/bool 1 on real tokens (prompt, policy tokens, retrieved passages, glue), 0 on padding
-  loss_mask       [B, T] int/bool 1 on tokens the POLICY produced; 0 on prompt, retrieved passages, glue, padding
-  old_logprobs    [B, T] float32  sampler log-prob of token t (0 where loss_mask is 0)
-  advantages      [B]    float32  one advantage per sequence
-  ref_logprobs    [B, T] float32  optional: reference log-probs (added by `GRPOStep.prepare_batch` in the
-                                  'precompute' reference mode)
-  sampler_logprobs [B, T] float32 optional: the sampler's log-probs, kept when old_logprobs are recomputed
-  target_index, target_valid [B, K] int32 optional (agent.trajectory.packed_targets(loss_mask)): the scored
-                                  target positions packed per row; with them only K positions per row get the
-                                  vocabulary projection (same results)
-  denominator_extra [B] float32   optional: added to the loss denominator (summed over rows); carries the
-                                  shares of zero-advantage rows left out by `learner_rows` (same update)
-All per-token arrays are aligned with `tokens`: entry t belongs to token t. The step scores
-targets = tokens[:, 1:] from inputs = tokens[:, :-1] and uses loss_mask[:, 1:] (token 0 is never a target).
-The retrieved-passage mask of a trajectory IS the loss mask: no loss, KL or metric on tokens the policy did not
-write. B must be a multiple of num_microbatches * (data x fsdp mesh size).
+The loss functions and the batch format they read live in `searche1_jax/rl/` (`grpo_loss.py`, `ofsd_loss.py`,
+`logprobs.py`); this module knows only the contract above.
 """
 from __future__ import annotations
 
@@ -54,11 +37,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from searche1_jax import sharding as shd
 from searche1_jax.models import qwen2
-from searche1_jax.rl import grpo
-from searche1_jax.rl.logprobs import token_logprobs
+from searche1_jax.rl import grpo_loss
+from searche1_jax.rl import logprobs as logprobs_lib
 from searche1_jax.train.state import TrainState
 
-LossFn = Callable[[Any, Mapping[str, jax.Array], Any], tuple[jax.Array, jax.Array, dict]]
+LossFn = logprobs_lib.LossFn
 
 # ----------------------------------------------------------------------------------------------- metrics
 
@@ -226,7 +209,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     loss_fn: loss_fn(params, micro_batch, ref_params_or_None) -> (loss_sum, denominator, metrics).
     tx: the optimizer (e.g. `optim.make_optimizer`).
     mesh: the device mesh; abstract_params: a pytree of ShapeDtypeStruct like the params;
-    param_shardings: a pytree of NamedSharding like the params (`sharding.param_shardings`).
+    param_shardings: a pytree of NamedSharding like the params (`qwen2.param_shardings`).
     num_microbatches: M; the batch of B rows is processed as M micro-batches of B / M rows.
     with_ref_params: the state carries frozen reference params passed to loss_fn (else None is passed).
     lr_schedule: optional schedule(step) -> learning rate, only to report `learning_rate`.
@@ -300,48 +283,10 @@ def model_train_step(cfg: qwen2.Qwen2Config, loss_fn: LossFn, tx: optax.Gradient
   """make_train_step for a Qwen2 policy: abstract params and shardings from the model config."""
   abstract = jax.eval_shape(functools.partial(qwen2.init_params, cfg), jax.random.key(0))
   return make_train_step(loss_fn, tx, mesh=mesh, abstract_params=abstract,
-                         param_shardings=shd.param_shardings(cfg, mesh, rules, abstract), rules=rules, **kw)
+                         param_shardings=qwen2.param_shardings(cfg, mesh, rules, abstract), rules=rules, **kw)
 
 
 # ----------------------------------------------------------------------------------------------- log-probs
-
-_BATCH_FIELDS = {"tokens": 2, "attention_mask": 2, "loss_mask": 2}
-# Optional: the scored positions packed per row (agent.trajectory.packed_targets); only they are projected.
-_PACKED_FIELDS = ("target_index", "target_valid")
-
-
-def _check_fields(batch, fields: Mapping[str, int], where: str):
-  for name, ndim in fields.items():
-    if name not in batch:
-      raise ValueError(f"{where}: batch has no field {name!r} (have {sorted(batch)}); see the batch format in "
-                       "searche1_jax/train/steps.py")
-  b, t = batch["tokens"].shape if jnp.ndim(batch["tokens"]) == 2 else (None, None)
-  if b is None:
-    raise ValueError(f"{where}: batch['tokens'] must be [B, T], got shape {jnp.shape(batch['tokens'])}")
-  if t < 2:
-    raise ValueError(f"{where}: batch['tokens'] needs T >= 2 (one input and one target), got T={t}")
-  for name, ndim in fields.items():
-    want = (b, t) if ndim == 2 else (b,)
-    if tuple(jnp.shape(batch[name])) != want:
-      raise ValueError(f"{where}: batch[{name!r}] has shape {tuple(jnp.shape(batch[name]))}, expected {want}")
-
-
-def shifted_logprobs(params, cfg: qwen2.Qwen2Config, batch, *, chunk_size: int, temperature: float = 1.0,
-                     return_entropy: bool = False):
-  """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1 on policy tokens: [B, T-1] float32 (0 where
-  loss_mask[:, 1:] is 0), and the entropy [B, T-1] in nats if return_entropy. Chunked: no [B, T, V] array.
-  A batch with target_index / target_valid (agent.trajectory.packed_targets) projects only those positions."""
-  tokens = batch["tokens"].astype(jnp.int32)
-  return token_logprobs(params, cfg, tokens[:, :-1], tokens[:, 1:], batch["loss_mask"][:, 1:], chunk_size,
-                        attention_mask=batch["attention_mask"][:, :-1], temperature=temperature,
-                        return_entropy=return_entropy, target_index=batch.get("target_index"),
-                        target_valid=batch.get("target_valid"))
-
-
-def align_to_tokens(x: jax.Array) -> jax.Array:
-  """[B, T-1] per-target values -> [B, T] aligned with tokens (column 0, which is never a target, is 0)."""
-  return jnp.pad(x, ((0, 0), (1, 0)))
-
 
 def make_logprob_fn(cfg: qwen2.Qwen2Config, *, mesh: Mesh, param_shardings, chunk_size: int = 128,
                     temperature: float = 1.0, num_microbatches: int = 1, rules=shd.DEFAULT_RULES):
@@ -352,8 +297,8 @@ def make_logprob_fn(cfg: qwen2.Qwen2Config, *, mesh: Mesh, param_shardings, chun
   bsh2 = shd.batch_sharding(mesh, 2, rules)
 
   def score(params, batch):
-    batch = {k: batch[k] for k in (*_BATCH_FIELDS, *_PACKED_FIELDS) if k in batch}
-    one = lambda mb: align_to_tokens(shifted_logprobs(params, cfg, mb, chunk_size=chunk_size,
+    batch = {k: batch[k] for k in (*logprobs_lib.BATCH_FIELDS, *logprobs_lib.PACKED_FIELDS) if k in batch}
+    one = lambda mb: logprobs_lib.align_to_tokens(logprobs_lib.shifted_logprobs(params, cfg, mb, chunk_size=chunk_size,
                                                       temperature=temperature))
     if num_microbatches == 1:
       return one(batch)
@@ -362,196 +307,12 @@ def make_logprob_fn(cfg: qwen2.Qwen2Config, *, mesh: Mesh, param_shardings, chun
   jitted = jax.jit(score, in_shardings=(param_shardings, bsh), out_shardings=bsh2)
 
   def call(params, batch):
-    _check_fields(batch, _BATCH_FIELDS, "logprob pass")
+    logprobs_lib.check_fields(batch, logprobs_lib.BATCH_FIELDS, "logprob pass")
     check_batch_size(batch["tokens"].shape[0], num_microbatches, mesh, rules)
-    return jitted(params, {k: batch[k] for k in (*_BATCH_FIELDS, *_PACKED_FIELDS) if k in batch})
+    return jitted(params, {k: batch[k] for k in (*logprobs_lib.BATCH_FIELDS, *logprobs_lib.PACKED_FIELDS) if k in batch})
 
   call.jitted = jitted
   return call
-
-
-# ----------------------------------------------------------------------------------------------- losses
-
-OLD_LOGPROBS_MODES = ("sampler", "recompute")
-REF_MODES = ("in_step", "precompute")
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOOptions:
-  """The validated `grpo` config block (configs/parts/grpo.py) as plain values."""
-  clip_eps: float
-  clip_eps_high: float
-  kl_coef: float
-  kl_estimator: str
-  agg: str
-  temperature: float
-  logprob_chunk_size: int
-  log_entropy: bool
-  old_logprobs: str
-  tis_cap: float
-  ref_logprobs: str
-  ref_on_host: bool
-  num_microbatches: int
-
-  @property
-  def uses_ref(self) -> bool:
-    return self.kl_coef != 0
-
-  @classmethod
-  def from_config(cls, block) -> "GRPOOptions":
-    kw = {}
-    for f in dataclasses.fields(cls):
-      if f.name not in block:
-        raise ValueError(f"grpo config: missing field {f.name!r} (see configs/parts/grpo.py)")
-      kw[f.name] = block[f.name]
-    if kw["clip_eps_high"] is None:  # None = symmetric clip
-      kw["clip_eps_high"] = kw["clip_eps"]
-    o = cls(**kw)
-    checks = [
-        (o.kl_estimator in grpo.KL_ESTIMATORS, f"kl_estimator={o.kl_estimator!r}, expected one of {grpo.KL_ESTIMATORS}"),
-        (o.agg in grpo.AGG_MODES, f"agg={o.agg!r}, expected one of {grpo.AGG_MODES}"),
-        (o.old_logprobs in OLD_LOGPROBS_MODES, f"old_logprobs={o.old_logprobs!r}, expected one of {OLD_LOGPROBS_MODES}"),
-        (o.ref_logprobs in REF_MODES, f"ref_logprobs={o.ref_logprobs!r}, expected one of {REF_MODES}"),
-        (o.clip_eps > 0 and o.clip_eps_high > 0, f"clip_eps={o.clip_eps} and clip_eps_high={o.clip_eps_high} must be > 0"),
-        (o.kl_coef >= 0, f"kl_coef={o.kl_coef} must be >= 0"),
-        (o.temperature > 0, f"temperature={o.temperature} must be > 0"),
-        (o.logprob_chunk_size >= 1, f"logprob_chunk_size={o.logprob_chunk_size} must be >= 1"),
-        (o.num_microbatches >= 1, f"num_microbatches={o.num_microbatches} must be >= 1"),
-        (o.tis_cap == 0 or o.tis_cap >= 1, f"tis_cap={o.tis_cap} must be 0 (off) or >= 1"),
-        (o.tis_cap == 0 or o.old_logprobs == "recompute",
-         f"tis_cap={o.tis_cap} needs old_logprobs='recompute' (the weights compare recomputed and sampler "
-         "log-probs)"),
-        (not o.ref_on_host or o.ref_logprobs == "precompute",
-         "ref_on_host=True needs ref_logprobs='precompute' (in-step reference params live on the device)"),
-    ]
-    for ok, msg in checks:
-      if not ok:
-        raise ValueError(f"grpo config: {msg}")
-    return o
-
-
-def grpo_loss_fn(cfg: qwen2.Qwen2Config, grpo_block) -> LossFn:
-  """The GRPO loss_fn for make_train_step (batch format in the module docstring).
-
-  Policy log-probs come from the chunked path; old log-probs from batch['old_logprobs'] (the sampler's, or the
-  recomputed ones after GRPOStep.prepare_batch); reference log-probs, when kl_coef > 0, from the in-step
-  reference params (under stop_gradient) or from batch['ref_logprobs'] (precomputed). With
-  batch['sampler_logprobs'] present (old_logprobs='recompute'), the sampler/trainer mismatch is logged and,
-  with tis_cap > 0, the policy-gradient term is weighted by min(exp(recomputed - sampler), tis_cap).
-  Metrics: tokens, sequences, pg_loss, kl_ref, approx_kl_old, clip_frac_low/high, adv_mean (per policy token),
-  ratio_min/max, entropy (if log_entropy), sampler_abs_diff = mean |sampler - recomputed|, sampler_k3 = mean of
-  r - 1 - log r with r = p_recomputed / p_sampler (a k3 estimate of KL(sampler || trainer)), tis_weight and
-  tis_capped_frac (with tis_cap).
-  """
-  o = GRPOOptions.from_config(grpo_block)
-  fields = dict(_BATCH_FIELDS, old_logprobs=2, advantages=1)
-
-  def loss_fn(params, batch, ref_params):
-    _check_fields(batch, fields, "grpo loss")
-    out = shifted_logprobs(params, cfg, batch, chunk_size=o.logprob_chunk_size, temperature=o.temperature,
-                           return_entropy=o.log_entropy)
-    logp, entropy = out if o.log_entropy else (out, None)
-    mask = batch["loss_mask"][:, 1:].astype(bool)
-    m = mask.astype(jnp.float32)
-    old = batch["old_logprobs"][:, 1:].astype(jnp.float32)
-
-    ref = None
-    if o.uses_ref:
-      if ref_params is not None:
-        ref = jax.lax.stop_gradient(shifted_logprobs(ref_params, cfg, batch, chunk_size=o.logprob_chunk_size,
-                                                     temperature=o.temperature))
-      elif "ref_logprobs" in batch:
-        ref = batch["ref_logprobs"][:, 1:].astype(jnp.float32)
-      else:
-        raise ValueError(f"grpo loss: kl_coef={o.kl_coef} needs reference params in the state "
-                         "(ref_logprobs='in_step') or batch['ref_logprobs'] (ref_logprobs='precompute')")
-
-    extra = {}
-    weights = None
-    if "sampler_logprobs" in batch:
-      sampler = batch["sampler_logprobs"][:, 1:].astype(jnp.float32)
-      d = jnp.where(mask, old - sampler, 0.0)  # log(p_recomputed / p_sampler) on policy tokens
-      n = m.sum()
-      extra["sampler_abs_diff"] = (jnp.sum(jnp.abs(d)), n)
-      extra["sampler_k3"] = (jnp.sum(m * (jnp.exp(d) - 1.0 - d)), n)
-      if o.tis_cap > 0:
-        weights = jnp.minimum(jnp.exp(d), o.tis_cap)
-        extra["tis_weight"] = (jnp.sum(m * weights), n)
-        extra["tis_capped_frac"] = (jnp.sum(m * (jnp.exp(d) > o.tis_cap)), n)
-    elif o.tis_cap > 0:
-      raise ValueError("grpo loss: tis_cap > 0 needs batch['sampler_logprobs'] (run GRPOStep.prepare_batch with "
-                       "old_logprobs='recompute')")
-
-    loss_sum, denom, pm = grpo.policy_loss(
-        logp, old, batch["advantages"], mask, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
-        ref_logprobs=ref, kl_coef=o.kl_coef, kl_estimator=o.kl_estimator, agg=o.agg, entropy=entropy,
-        importance_weights=weights)
-    if "denominator_extra" in batch:  # the denominator shares of rows left out of the batch (learner_rows)
-      denom = denom + jnp.sum(batch["denominator_extra"].astype(jnp.float32))
-    n = pm["tokens"]
-    metrics = {
-        "tokens": n,
-        "sequences": pm["sequences"],
-        "pg_loss": (pm["pg_loss_sum"], n),
-        "kl_ref": (pm["kl_ref_sum"], n),
-        "approx_kl_old": (pm["approx_kl_old_sum"], n),
-        "clip_frac_low": (pm["clip_low_count"], n),
-        "clip_frac_high": (pm["clip_high_count"], n),
-        "adv_mean": (pm["adv_sum"], n),
-        "ratio_min": pm["ratio_min"],
-        "ratio_max": pm["ratio_max"],
-        **extra,
-    }
-    if o.log_entropy:
-      metrics["entropy"] = (pm["entropy_sum"], n)
-    return loss_sum, denom, metrics
-
-  return loss_fn
-
-
-def lm_loss_fn(cfg: qwen2.Qwen2Config, chunk_size: int = 128) -> LossFn:
-  """Token-level language-modelling loss for warm start: loss_sum = -sum log p(token) over loss_mask[:, 1:],
-  denominator = the number of those tokens. Batch: tokens, attention_mask, loss_mask (format above).
-  Metrics: tokens, nll (mean negative log-likelihood per token, nats)."""
-
-  def loss_fn(params, batch, ref_params):
-    del ref_params
-    _check_fields(batch, _BATCH_FIELDS, "lm loss")
-    logp = shifted_logprobs(params, cfg, batch, chunk_size=chunk_size)
-    n = batch["loss_mask"][:, 1:].astype(bool).sum().astype(jnp.float32)
-    loss_sum = -jnp.sum(logp)  # logp is 0 off the mask
-    return loss_sum, n, {"tokens": n, "nll": (jax.lax.stop_gradient(loss_sum), n)}
-
-  return loss_fn
-
-
-def learner_rows(advantages: np.ndarray, loss_mask: np.ndarray, agg: str, multiple: int = 1,
-                 buckets: int = 4, min_rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
-  """Host side: the rows of a GRPO batch the learner must see, and the denominator they must carry.
-
-  Without a KL term, a row whose advantage is 0 adds exactly 0 to the clipped loss and to its gradient; it only
-  counts in the denominator. So the step may run on the other rows plus `denominator_extra` = the left-out rows'
-  shares (grpo.row_denominators) and give the same update. The row count is rounded up, with zero-advantage
-  rows, to one of `buckets` sizes (B/buckets, 2B/buckets, ..., B, each a multiple of `multiple`: the data-parallel
-  size x micro-batches), so the step compiles for few shapes. A size is at least `min_rows`: a small batch is not
-  worth a compilation per row count and is kept whole.
-
-  advantages: [B]; loss_mask: [B, T] (the batch's, aligned with tokens). Returns (rows [R] int, sorted,
-  denominator_extra [R] float32: the left-out rows' total on the first row, 0 elsewhere).
-  """
-  adv = np.asarray(advantages).reshape(-1)
-  b = adv.shape[0]
-  quantum = -(-max(b // buckets, min_rows, 1) // multiple) * multiple
-  nonzero = np.flatnonzero(adv != 0)
-  size = min(max(-(-len(nonzero) // quantum), 1) * quantum, b)
-  zero = np.flatnonzero(adv == 0)
-  rows = np.sort(np.concatenate([nonzero, zero[:size - len(nonzero)]]))
-  if size == b:
-    return np.arange(b), np.zeros(b, np.float32)
-  left_out = np.setdiff1d(np.arange(b), rows)
-  extra = np.zeros(len(rows), np.float32)
-  extra[0] = float(np.asarray(grpo.row_denominators(np.asarray(loss_mask)[left_out, 1:], agg)).sum())
-  return rows, extra
 
 
 # ----------------------------------------------------------------------------------------------- GRPO wiring
@@ -569,7 +330,7 @@ class GRPOStep:
     the host when ref_on_host: put on the device only for that call). With ref_logprobs='in_step' the
     reference params live in the TrainState and the step scores them itself.
   """
-  options: GRPOOptions
+  options: grpo_loss.GRPOOptions
   cfg: qwen2.Qwen2Config
   train: TrainStep
   logprobs: Callable
@@ -589,8 +350,8 @@ class GRPOStep:
 
   def prepare_batch(self, state: TrainState, batch, ref_params=None) -> dict:
     """Add what the configured modes need (recomputed old log-probs, precomputed reference log-probs)."""
-    fields = dict(_BATCH_FIELDS, old_logprobs=2, advantages=1)
-    _check_fields(batch, fields, "GRPO batch")
+    fields = dict(logprobs_lib.BATCH_FIELDS, old_logprobs=2, advantages=1)
+    logprobs_lib.check_fields(batch, fields, "GRPO batch")
     check_batch_size(batch["tokens"].shape[0], self.options.num_microbatches, self.train.mesh, self.train.rules)
     batch = self.train.shard_batch(batch)
     if self.options.old_logprobs == "recompute":
@@ -622,9 +383,9 @@ def make_grpo_step(cfg: qwen2.Qwen2Config, grpo_block, tx: optax.GradientTransfo
   old / reference log-prob modes of grpo_block still decide what prepare_batch adds and whether the state holds
   reference params.
   """
-  o = GRPOOptions.from_config(grpo_block)
+  o = grpo_loss.GRPOOptions.from_config(grpo_block)
   in_step_ref = o.uses_ref and o.ref_logprobs == "in_step"
-  loss_fn = grpo_loss_fn(cfg, grpo_block) if loss_fn is None else loss_fn
+  loss_fn = grpo_loss.grpo_loss_fn(cfg, grpo_block) if loss_fn is None else loss_fn
   train = model_train_step(cfg, loss_fn, tx, mesh, rules,
                            num_microbatches=o.num_microbatches, with_ref_params=in_step_ref,
                            lr_schedule=lr_schedule, donate=donate)

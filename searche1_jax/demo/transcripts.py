@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from searche1_jax.agent import protocol
-from searche1_jax.data.synthetic_world import Hop, QUESTION_TYPES, World
+from searche1_jax.demo.synthetic_world import Hop, QUESTION_TYPES, World
 from searche1_jax.retrieval import misses
 
 KINDS = ("efficient", "redundant", "verify", "vague", "premature", "wrong")

@@ -2,8 +2,8 @@
 
 A real Search-E1 run starts GRPO from a pretrained Qwen2.5 checkpoint that already reads, writes and follows the
 Search-R1 format. The CPU demo has no such checkpoint, so this stage makes one: a tiny Qwen2 policy, randomly
-initialized, trained by language modelling (`steps.lm_loss_fn` through the real jitted train step) on the imperfect
-scripted transcripts of the synthetic world's TRAINING questions (`data/transcripts.py`). Only the policy's own
+initialized, trained by language modelling (`logprobs.lm_loss_fn` through the real jitted train step) on the imperfect
+scripted transcripts of the synthetic world's TRAINING questions (`demo/transcripts.py`). Only the policy's own
 turns are targets: the prompt and the `<information>` passages are context (loss mask 0), exactly the mask the
 rollout gives a trajectory. Test questions are never used.
 
@@ -145,7 +145,7 @@ def _plain(x):
 def fingerprint(block, model_block, transcripts_cfg, protocol_cfg, tokenizer_dir: str, world_dir: str,
                 hint_context=None) -> str:
   """Hash of everything the warm-start result depends on (the `out_dir` field excluded)."""
-  from searche1_jax.data import synthetic_world as sw
+  from searche1_jax.demo import synthetic_world as sw
   ws = _plain(block)
   ws.pop("out_dir", None)
   files = {}
@@ -209,7 +209,7 @@ def hint_examples(world, questions, tokenizer, rng, transcripts_cfg, protocol_cf
 
   import ml_collections
 
-  from searche1_jax.data import transcripts as transcripts_lib
+  from searche1_jax.demo import transcripts as transcripts_lib
   from searche1_jax.rl import privileged
   if hint_context.context_format != "actions" or hint_context.context_siblings != "reference":
     raise ValueError("warm_start.hint_fraction > 0 shows scripted transcripts as the OFSD teacher would: it needs "
@@ -235,7 +235,7 @@ def build_examples(world, tokenizer, block, transcripts_cfg, protocol_cfg,
   questions also gets a hinted example (`hint_examples`, kind 'hinted'): the stand-in for a pretrained model's
   ability to follow a worked solution shown in its context, which OFSD's teacher relies on.
   """
-  from searche1_jax.data import transcripts as transcripts_lib
+  from searche1_jax.demo import transcripts as transcripts_lib
   questions = list(world.train_questions)
   if block.num_questions:
     questions = questions[:int(block.num_questions)]
@@ -269,13 +269,14 @@ def train(examples, model_cfg, block, *, log: Callable[[int, dict], None] | None
 
   from searche1_jax import sharding as shd
   from searche1_jax.models import qwen2
+  from searche1_jax.rl import logprobs
   from searche1_jax.train import optim, steps
 
   mesh = shd.make_mesh(1, 1, 1)
   total = max(int(block.steps), 1)
   tx = optim.make_optimizer(block.optim, total)
   schedule = optim.make_schedule(block.optim, total)
-  step = steps.model_train_step(model_cfg, steps.lm_loss_fn(model_cfg, int(block.chunk_size)), tx, mesh,
+  step = steps.model_train_step(model_cfg, logprobs.lm_loss_fn(model_cfg, int(block.chunk_size)), tx, mesh,
                                 lr_schedule=schedule)
   params = qwen2.init_params(model_cfg, jax.random.key(int(block.seed)))
   state = step.init_state(params)

@@ -709,7 +709,7 @@ def load_world(out_dir: str) -> World:
   missing = [p for p in paths.values() if not os.path.exists(p)]
   if missing:
     raise FileNotFoundError(f"not a synthetic world directory, missing: {missing}; "
-                            "write one with searche1_jax.data.synthetic_world.write_world")
+                            "write one with searche1_jax.demo.synthetic_world.write_world")
   with open(paths[WORLD_FILE], encoding="utf-8") as f:
     data = json.load(f)
   return World(

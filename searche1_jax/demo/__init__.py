@@ -1,0 +1,1 @@
+"""The embedded demo: the synthetic search world, its transcripts and tokenizer, and the warm-start policy."""
