@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -413,48 +414,49 @@ def greedy_rollout(cfg, tok, max_turns=2, max_turn_tokens=12):
 
 @pytest.fixture(scope="module")
 def toy(cfg, tok, groups, params):
-  """The pretrained toy policy and the compiled student step of the phase (shared: compiled once)."""
+  """The pretrained toy policy and the trainer's phase runner (shared: its student step is compiled once)."""
   policy, nll = pretrain(cfg, tok, params, groups)
   block = ofsd_block(epochs=6)
   block.optim.learning_rate = 3e-3
-  step = ofsd_runner.make_ofsd_step(cfg, block, shd.make_mesh(1, 1, 1))
-  return policy, nll, block, step
+  config = ml_collections.ConfigDict({"ofsd": block, "protocol": {"template": TEMPLATE}})
+  runner = ofsd_runner.PhaseRunner(cfg, config, shd.make_mesh(1, 1, 1), shd.DEFAULT_RULES, tok)
+  return policy, nll, block, runner
 
 
 @pytest.mark.slow
 def test_toy_phase_moves_student_toward_reference(cfg, tok, groups, toy):
-  """End to end with the real pieces (pairs -> layouts -> top-k targets -> make_ofsd_step updates): after the
+  """End to end with the trainer's driver (pairs -> layouts -> top-k targets -> student updates): after the
   phase the plain-prompt policy is closer to its privileged self and answers directly more often."""
-  policy, nll, block, step = toy
+  policy, nll, block, runner = toy
   assert nll < 0.3
   questions = [{"id": g[0].question_id, "question": g[0].question, "golden_answers": g[0].golden_answers}
                for g in groups.values()]
   p_answer_before = first_action_prob(policy, cfg, tok, groups)
-  calls = []
-
-  def rollout_fn(p, qs):  # the phase's sampled rollouts: scripted siblings
-    calls.append(len(qs))
-    return [t for g in groups.values() for t in g]
-
-  result = ofsd_runner.run_ofsd_phase(step.init_state(policy), cfg, block, tok, questions, rollout_fn, step,
-                                     seed=SEED, template=TEMPLATE, eval_rollout_fn=greedy_rollout(cfg, tok))
-  m = result.metrics
-  p_answer_after = first_action_prob(result.state.params, cfg, tok, groups)
-  assert calls == [5]
-  assert m["pairs"] == 8 and m["updates"] == 6 * 2 and len(result.history) == 12
+  trajs = [t for g in groups.values() for t in g]  # the phase's sampled rollouts: scripted siblings
+  state = runner.train.init_state(policy)
+  carry = runner.start(state.params, trajs, group_size=3)
+  history = []
+  for s in range(carry.num_steps()):
+    state, metrics = runner.step(state, carry, s, seed=SEED)
+    history.append(metrics)
+  m = runner.end_metrics(state.params, carry, greedy_rollout(cfg, tok)(state.params, questions))
+  p_answer_after = first_action_prob(state.params, cfg, tok, groups)
+  assert m["pairs"] == 8 and m["updates"] == 6 * 2 and len(history) == 12
+  assert [h["epoch"] for h in history] == [e for e in range(6) for _ in range(2)]
   assert m["divergence_after"] < 0.25 * m["divergence_before"]
   # The probability of the reference's first action (answer without searching) under the plain prompt.
   assert p_answer_before < 0.1 and p_answer_after > 0.5
   # Greedy behaviour on the same questions: fewer searches than the phase's rollouts (0.53 per trajectory).
   assert m["post_questions"] == 5 and m["post_searches"] < m["rollout_searches"] and m["searches_change"] < 0
   # The train step's own metric agrees with the evaluated divergence at the start.
-  assert result.history[0]["divergence"] == pytest.approx(m["divergence_before"], rel=0.5)
+  assert history[0]["divergence"] == pytest.approx(m["divergence_before"], rel=0.5)
 
 
 def test_resumed_phase_replays_identically(cfg, tok, groups, toy, tmp_path):
   """Interrupt after one update, checkpoint the buffer ('extra'), restore it and continue from (epoch, batch):
   the final params equal an uninterrupted run's."""
-  policy, _, block, step = toy
+  policy, _, block, runner = toy
+  step = runner.train
   buf = ofsd_phase.build_buffer(policy, cfg, groups, tok, block, template=TEMPLATE)
 
   def train(state, b, epoch, start=0):

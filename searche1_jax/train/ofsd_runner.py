@@ -8,8 +8,6 @@ drives them from the round loop so that a phase can stop after any update and co
       state, metrics = runner.step(state, carry, s, seed)
   runner.end_metrics(state.params, carry)        # divergence after, reference vs student statistics
 
-`run_ofsd_phase` runs the same pieces in one call without mid-phase checkpoints (notebooks, tests).
-
 The student update changes only `state.params`; the GRPO optimizer state in `state` is untouched and the student
 optimizer (ofsd.optim) starts fresh each phase. What a checkpoint needs is `carry.state_tree()` (optimizer state,
 update count, and the teacher snapshot in full-vocabulary mode) plus `carry.extra()` (the buffer as numpy).
@@ -17,20 +15,16 @@ update count, and the teacher snapshot in full-vocabulary mode) plus `carry.extr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from searche1_jax import sharding as shd
-from searche1_jax.agent import protocol
-from searche1_jax.agent import trajectory as trajectory_lib
 from searche1_jax.models import qwen2
 from searche1_jax.rl import ofsd_loss, ofsd_phase
 from searche1_jax.train import optim
 from searche1_jax.train import steps
-
-Trajectory = trajectory_lib.Trajectory
 
 
 def make_ofsd_step(cfg: qwen2.Qwen2Config, ofsd_block, mesh, *, total_steps: int | None = None,
@@ -163,69 +157,3 @@ def on_policy_batch(trajectories, group_size: int, tokenizer, config, global_ste
   del group_size
   return ofsd_phase.on_policy_sd_fields(trajectories, batch, tokenizer, config.ofsd, step=global_step,
                                         agg=config.grpo.agg, template=config.protocol.template)
-
-
-@dataclasses.dataclass
-class PhaseResult:
-  state: Any
-  buffer: ofsd_phase.OfsdBuffer
-  metrics: dict[str, float]
-  history: list[dict[str, float]]  # the train step's metrics per update
-  post_trajectories: list[Trajectory] | None = None
-
-
-def run_ofsd_phase(state, cfg: qwen2.Qwen2Config, ofsd_block, tokenizer, questions: Sequence[Mapping[str, Any]],
-                   rollout_fn: Callable, train_step: steps.TrainStep, *, seed: int = 0,
-                   template: str = protocol.SEARCH_R1_TEMPLATE, eval_rollout_fn: Callable | None = None,
-                   workdir: str | None = None, name: str = "phase", pad_to=None,
-                   log_fn: Callable[[int, dict], None] | None = None) -> PhaseResult:
-  """The whole offline phase in one call (no mid-phase checkpoints), built from the pieces above.
-
-  Args:
-    state: the TrainState of `train_step` (make_ofsd_step); in full-vocabulary mode its ref_params are replaced
-      by a copy of its params (the round's teacher snapshot).
-    questions: records with 'id', 'question', 'golden_answers'.
-    rollout_fn: (params, questions) -> trajectories, ofsd.group_size per question (any order).
-    eval_rollout_fn: optional (params, questions) -> trajectories after the phase (e.g. greedy) for the behaviour
-      metrics; None skips them.
-    log_fn: called as log_fn(update_index, metrics) after every update.
-  Returns:
-    PhaseResult(state, buffer, metrics (ofsd_phase.phase_metrics + 'updates'), history, post_trajectories).
-  """
-  popts = ofsd_phase.PhaseOptions.from_config(ofsd_block)
-  dopts = ofsd_loss.DivergenceOptions.from_config(ofsd_block)
-  full = not dopts.top_k
-  if full:
-    if train_step.state_shardings.ref_params is None:
-      raise ValueError("run_ofsd_phase: full-vocabulary OFSD (ofsd.top_k None/0) needs a train step built with "
-                       "with_ref_params=True (make_ofsd_step does this)")
-    state = state.replace(ref_params=steps.fresh_copy(state.params, train_step.param_shardings))
-    teacher = state.ref_params
-  else:
-    teacher = state.params  # read before any update; the targets are on the host before the first step
-
-  trajs = list(rollout_fn(teacher, questions))
-  buffer = ofsd_phase.build_buffer(teacher, cfg, ofsd_phase.group_by_question(trajs), tokenizer, ofsd_block, template=template,
-                        workdir=workdir, name=name, pad_to=pad_to, mesh=train_step.mesh, rules=train_step.rules)
-  eval_fn = ofsd_phase.make_eval_fn(ofsd_loss.ofsd_loss_fn(cfg, ofsd_block))
-  rows = ofsd_phase.data_parallel_rows(popts.micro_batch_size, train_step.mesh, train_step.rules)
-
-  def divergence(s):
-    return ofsd_phase.mean_divergence(s.params, buffer, eval_fn, rows, ref_params=s.ref_params if full else None,
-                           pad_to=pad_to, shard_batch=train_step.shard_batch)
-
-  before = divergence(state)
-  history = []
-  if buffer.num_pairs:
-    for epoch in range(popts.epochs):
-      for batch in ofsd_phase.iterate_batches(buffer, epoch, popts.batch_size, seed, pad_to=pad_to):
-        state, metrics = train_step(state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        history.append(metrics)
-        if log_fn is not None:
-          log_fn(len(history) - 1, metrics)
-  after = divergence(state) if history else before
-  post = list(eval_rollout_fn(state.params, questions)) if eval_rollout_fn is not None else None
-  metrics = ofsd_phase.phase_metrics(buffer, divergence_before=before, divergence_after=after, post_trajectories=post)
-  metrics["updates"] = float(len(history))
-  return PhaseResult(state=state, buffer=buffer, metrics=metrics, history=history, post_trajectories=post)
