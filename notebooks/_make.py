@@ -955,6 +955,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import HTML, display
 
+from searche1_jax.models import hf
 from searche1_jax.train import evaluation
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.retrieval import make_retriever
@@ -999,7 +1000,7 @@ if run is not None:
     pool = world.test_questions
   else:  # a non-demo run: the first evaluation benchmark
     pool = next(iter(evaluation.load_benchmarks(config.data, limit=max(QUESTIONS) + 1).values()))
-  eos_ids = evaluation.eos_ids_for(tokenizer, meta["hf_dir"])
+  eos_ids = hf.eos_ids_for(tokenizer, meta["hf_dir"])
 else:
   from configs.parts import protocol as protocol_part
   from configs.parts import retrieval as retrieval_part
@@ -1027,7 +1028,7 @@ else:
                                 num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
   params = qwen2.init_params(model_cfg, jax.random.PRNGKey(SEED))
   pool = world.test_questions
-  eos_ids = evaluation.eos_ids_for(tokenizer, "")
+  eos_ids = hf.eos_ids_for(tokenizer, "")
   SOURCE_USED = f"inline: random tiny Qwen2 ({model_cfg.num_params:,} parameters), world + index in {work}"
 questions = [pool[i] for i in QUESTIONS]
 print("policy:", SOURCE_USED)

@@ -6,7 +6,6 @@ The same model code then runs on 1 CPU, 8 fake CPU devices and a TPU pod.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -110,6 +109,18 @@ def rules_from_config(pairs) -> tuple[tuple[str, Any], ...]:
       raise ValueError(f"sharding rule for {name!r} names unknown mesh axes {bad}; known: {MESH_AXES}")
     out.append((name, target if isinstance(target, str) or target is None else tuple(target)))
   return tuple(out)
+
+
+def mesh_and_rules(config) -> tuple[Mesh | None, tuple[tuple[str, Any], ...]]:
+  """(mesh, rules) from an experiment config's optional `mesh` block (fields data, fsdp, tensor, optional rules).
+
+  No block: (None, DEFAULT_RULES). A one-device mesh is returned as None (callers then run unsharded)."""
+  block = config.get("mesh")
+  if block is None:
+    return None, DEFAULT_RULES
+  rules = rules_from_config(block.rules) if block.get("rules") else DEFAULT_RULES
+  mesh = mesh_from_config(block)
+  return (mesh if mesh.size > 1 else None), rules
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from searche1_jax.models import hf
 from searche1_jax.train import evaluation
 from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory as trajectory_lib
@@ -103,12 +104,12 @@ def test_empty_benchmark_and_bad_batch_size(tok, tmp_path):
 def test_eos_ids_and_checkpoint_detection(tok, tmp_path):
   d = tmp_path / "ckpt"
   d.mkdir()
-  assert not evaluation.is_hf_checkpoint(str(d))
+  assert not hf.is_hf_checkpoint(str(d))
   (d / "config.json").write_text("{}")
   (d / "model.safetensors").write_bytes(b"")
-  assert evaluation.is_hf_checkpoint(str(d))
+  assert hf.is_hf_checkpoint(str(d))
   (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
-  assert evaluation.eos_ids_for(tok, str(d)) == sorted({7, 9, tok.eos_token_id})
+  assert hf.eos_ids_for(tok, str(d)) == sorted({7, 9, tok.eos_token_id})
   # A directory that is neither an HF checkpoint nor a trainer workdir: one clear error naming it.
   with pytest.raises(FileNotFoundError, match="no trainer checkpoint found"):
     evaluation.load_trainer_checkpoint(str(tmp_path), None, None, None)

@@ -184,3 +184,20 @@ def test_mesh_and_rules_from_config_block():
   block.fsdp, block.tensor = 4, 2
   m = sharding.mesh_from_config(block)
   assert dict(m.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_mesh_and_rules_of_an_experiment_config():
+  import ml_collections
+  from configs.parts import mesh as mesh_part
+  assert sharding.mesh_and_rules(ml_collections.ConfigDict({})) == (None, sharding.DEFAULT_RULES)
+  block = mesh_part.get()
+  block.data, block.fsdp, block.tensor = 1, 1, 1
+  assert sharding.mesh_and_rules(ml_collections.ConfigDict({"mesh": block}))[0] is None  # one device: unsharded
+  block.fsdp, block.tensor = 2, 4
+  block.rules = [("batch", ["data", "fsdp"]), ("mlp", None)]
+  mesh, rules = sharding.mesh_and_rules(ml_collections.ConfigDict({"mesh": block}))
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert rules == (("batch", ("data", "fsdp")), ("mlp", None))
+  bad = ml_collections.ConfigDict({"mesh": {"data": 1, "fsdp": 2, "tensor": 4.0}})
+  with pytest.raises(ValueError, match="mesh.tensor must be an int"):
+    sharding.mesh_and_rules(bad)

@@ -20,6 +20,7 @@ Name map (HF tensor -> param leaf; L = layer index):
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -543,3 +544,22 @@ def model_from_config(block, mesh: jax.sharding.Mesh | None = None, rules=shardi
   if mesh is None:
     return cfg, qwen2.init_params(cfg, rng)
   return cfg, qwen2.init_sharded_params(cfg, rng, mesh, rules)
+
+
+def is_hf_checkpoint(path: str) -> bool:
+  """A directory with config.json and safetensors weights (what `models.load_hf` reads)."""
+  return os.path.isfile(os.path.join(path, "config.json")) and bool(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def eos_ids_for(tokenizer, model_dir: str) -> list[int]:
+  """The tokenizer's EOS id plus the checkpoint's generation_config.json eos_token_id(s), if any."""
+  ids = set()
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  gen_path = os.path.join(model_dir, "generation_config.json") if model_dir else ""
+  if gen_path and os.path.isfile(gen_path):
+    with open(gen_path) as f:
+      eos = json.load(f).get("eos_token_id")
+    if eos is not None:
+      ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+  return sorted(ids)

@@ -18,7 +18,6 @@ invalid_action_rate = turns with neither a search nor an answer / all turns.
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import logging
 import os
@@ -27,9 +26,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from searche1_jax import rewards
+from searche1_jax import rewards, sharding
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
+from searche1_jax.models import hf
 
 # Column titles of REFERENCE.md / the Search-R1 paper for the seven benchmarks; other names are shown as they are.
 BENCHMARK_TITLES = {
@@ -167,11 +167,6 @@ def evaluate(make_session: rollout_lib.SessionFactory, tokenizer, retriever,
 
 # ------------------------------------------------------------------------------------- from an experiment config
 
-def is_hf_checkpoint(path: str) -> bool:
-  """A directory with config.json and safetensors weights (what `models.load_hf` reads)."""
-  return os.path.isfile(os.path.join(path, "config.json")) and bool(glob.glob(os.path.join(path, "*.safetensors")))
-
-
 def load_trainer_checkpoint(path: str, config, mesh, rules):
   """The policy params of the trainer's latest orbax checkpoint under `path` (a workdir or its checkpoints/
   directory), placed on `mesh` with `rules` when given. Returns (Qwen2Config, params) like `models.load_hf`."""
@@ -179,31 +174,6 @@ def load_trainer_checkpoint(path: str, config, mesh, rules):
   del config
   cfg, params, _, _ = checkpoint.load_policy(path, mesh=mesh, rules=rules)
   return cfg, params
-
-
-def eos_ids_for(tokenizer, model_dir: str) -> list[int]:
-  """The tokenizer's EOS id plus the checkpoint's generation_config.json eos_token_id(s), if any."""
-  ids = set()
-  if tokenizer.eos_token_id is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  gen_path = os.path.join(model_dir, "generation_config.json") if model_dir else ""
-  if gen_path and os.path.isfile(gen_path):
-    with open(gen_path) as f:
-      eos = json.load(f).get("eos_token_id")
-    if eos is not None:
-      ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-  return sorted(ids)
-
-
-def mesh_from_config(config):
-  """(mesh or None, rules) from the optional `mesh` block (data / fsdp / tensor sizes, optional rules)."""
-  from searche1_jax import sharding
-  block = config.get("mesh")
-  if block is None:
-    return None, sharding.DEFAULT_RULES
-  rules = sharding.rules_from_config(block.rules) if block.get("rules") else sharding.DEFAULT_RULES
-  mesh = sharding.make_mesh(int(block.data), int(block.fsdp), int(block.tensor))
-  return (mesh if mesh.size > 1 else None), rules
 
 
 def load_benchmarks(data_cfg, limit: int | None = None) -> dict[str, list[dict]]:
@@ -239,8 +209,8 @@ def evaluate_from_config(config, workdir: str, *, checkpoint: str | None = None,
     raise ValueError("no policy to evaluate: pass --checkpoint DIR or set config.model.hf_dir")
   if not os.path.isdir(ckpt):
     raise FileNotFoundError(f"checkpoint {ckpt}: directory not found")
-  mesh, rules = mesh_from_config(config)
-  if is_hf_checkpoint(ckpt):
+  mesh, rules = sharding.mesh_and_rules(config)
+  if hf.is_hf_checkpoint(ckpt):
     model_cfg, params = models.load_hf(ckpt, dtype=jnp.dtype(config.model.get("param_dtype", "float32")),
                                        mesh=mesh, rules=rules, compute_dtype=config.model.get("dtype", None))
     model_dir = ckpt
@@ -251,7 +221,7 @@ def evaluate_from_config(config, workdir: str, *, checkpoint: str | None = None,
   if not tokenizer_dir:
     raise ValueError("no tokenizer: set config.model.tokenizer_dir (or config.model.hf_dir)")
   tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-  eos_ids = eos_ids_for(tokenizer, model_dir)
+  eos_ids = hf.eos_ids_for(tokenizer, model_dir)
   logging.info("policy %s (%d params), tokenizer %s, eos ids %s", ckpt, model_cfg.num_params, tokenizer_dir,
                eos_ids)
   retriever = make_retriever(config.retrieval)

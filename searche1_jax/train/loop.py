@@ -37,6 +37,7 @@ import numpy as np
 from searche1_jax import config_utils, models, sharding
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
+from searche1_jax.models import hf
 from searche1_jax.rl import grpo as grpo_math
 from searche1_jax.rl import grpo_loss
 from searche1_jax.train import checkpoint as checkpoint_lib
@@ -177,7 +178,7 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.timings: collections.Counter = collections.Counter()
 
-    mesh, self.rules = evaluation.mesh_from_config(config)
+    mesh, self.rules = sharding.mesh_and_rules(config)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1)
 
     model_block = config.model
@@ -185,7 +186,7 @@ class Trainer:
     if not self.hf_dir:
       raise ValueError("config.model.hf_dir is empty: the trainer starts from an HF checkpoint directory "
                        "(a Qwen2.5 download, or the demo's warm start)")
-    if not evaluation.is_hf_checkpoint(self.hf_dir):
+    if not hf.is_hf_checkpoint(self.hf_dir):
       raise FileNotFoundError(f"config.model.hf_dir={self.hf_dir!r}: no config.json + *.safetensors there")
     self.model_cfg, self.init_params = models.load_hf(
         self.hf_dir, dtype=jnp.dtype(model_block.get("param_dtype", "float32")), mesh=self.mesh, rules=self.rules,
@@ -195,7 +196,7 @@ class Trainer:
     tokenizer_dir = model_block.get("tokenizer_dir", "") or self.hf_dir
     self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     self.tokenizer_dir = tokenizer_dir
-    self.eos_ids = evaluation.eos_ids_for(self.tokenizer, self.hf_dir)
+    self.eos_ids = hf.eos_ids_for(self.tokenizer, self.hf_dir)
     self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
     self.retriever = make_retriever(config.retrieval)
 
