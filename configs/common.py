@@ -9,14 +9,11 @@ An experiment config (configs/search_e1.py, ...) is `get_config(arg) -> ConfigDi
 
 The trainer-level blocks (`train`, `checkpoint`, `logging`, `distributed`, `resume`) are defined here: they belong
 to the round loop (searche1_jax/train/loop.py) and the launcher (launch/train.py), not to one area.
-
-Blocks whose part file does not exist yet fall back to the minimal blocks below (`_FALLBACK_PARTS`): they hold
-only the fields the experiment configs set, named as the owning area was asked to name them.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -29,40 +26,9 @@ parse_arg = config_utils.parse_arg
 PARTS = ("model", "mesh", "sampling", "retrieval", "protocol", "rollout", "data", "optim", "grpo", "ofsd")
 
 
-# ----------------------------------------------------------------------------------------- fallback blocks
-
-def _fallback_model() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.preset = "qwen2.5-3b"  # a name of searche1_jax.models.qwen2.PRESETS (shapes); weights come from hf_dir
-  c.hf_dir = ""  # HF checkpoint directory (config.json + safetensors + tokenizer files) to start from
-  c.dtype = "bfloat16"  # compute dtype of matmuls
-  c.param_dtype = "float32"  # storage dtype of the trained params
-  c.remat = "full"  # 'none' | 'full' | 'dots'
-  return c
-
-
-def _fallback_mesh() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.data = 1  # pure data parallelism (replicated params)
-  c.fsdp = -1  # ZeRO-3 style parameter sharding; -1 = all remaining devices
-  c.tensor = 1  # Megatron style heads / mlp / vocab sharding
-  return c
-
-
-_FALLBACK_PARTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
-    "model": _fallback_model, "mesh": _fallback_mesh}
-
-
 def part(name: str) -> ml_collections.ConfigDict:
-  """`configs.parts.<name>.get()`, or the minimal fallback block while that part file does not exist."""
-  module_name = f"configs.parts.{name}"
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name != module_name or name not in _FALLBACK_PARTS:
-      raise
-    return _FALLBACK_PARTS[name]()
-  return module.get()
+  """The block of configs/parts/<name>.py (`get()`), with its documented defaults."""
+  return importlib.import_module(f"configs.parts.{name}").get()
 
 
 # ------------------------------------------------------------------------------------- trainer-level blocks

@@ -21,7 +21,11 @@ import sys
 from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
-from ml_collections import config_dict
+
+from searche1_jax import distributed, sharding
+from searche1_jax.models import hf, qwen2
+from searche1_jax.retrieval import retriever
+from searche1_jax.rl import grpo, grpo_loss, ofsd, ofsd_phase, pairs, privileged
 
 
 class ConfigError(ValueError):
@@ -311,29 +315,19 @@ class _Checker:
       self.fail(path, "must be True or False")
 
 
-_DTYPES = ("float32", "bfloat16", "float16")
-OFSD_MODES = ("offline", "on_policy")
-OFSD_SPANS = ("policy", "query", "query_answer")
-OFSD_EFFICIENCY = ("searches_then_tokens", "searches", "tokens", "searches_plus_tokens")
-OFSD_CONTEXT_SIBLINGS = ("reference", "all")
-OFSD_CONTEXT_FORMATS = ("full", "actions")
-OFSD_CONTEXT_POSITIONS = ("before_question", "after_question", "system")
-OFSD_STORAGE = ("host", "disk")
-DISTRIBUTED_MODES = ("auto", "on", "off")
+OFSD_MODES = ("offline", "on_policy")  # the only enum owned by the config: the loop branches on it
 
 
 def _check_model(c: _Checker) -> None:
-  from searche1_jax.models import qwen2
   if c.has("model.preset") and c.get("model.preset") and not c.get("model.hf_dir"):
     if str(c.get("model.preset")).lower() not in qwen2.PRESETS:
       c.fail("model.preset", f"unknown preset; known: {sorted(qwen2.PRESETS)}")
   for f in ("model.dtype", "model.param_dtype"):
-    c.one_of(f, _DTYPES)
-  c.one_of("model.remat", ("none", "full", "dots"))
+    c.one_of(f, hf.DTYPES)
+  c.one_of("model.remat", qwen2.REMAT_MODES)
 
 
 def _check_mesh(c: _Checker, num_devices: int | None) -> None:
-  from searche1_jax import sharding
   sizes = {a: c.get(f"mesh.{a}") for a in sharding.MESH_AXES if c.has(f"mesh.{a}")}
   for a, v in sizes.items():
     if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
@@ -368,11 +362,10 @@ def _check_optim(c: _Checker, block: str) -> None:
   c.number(f"{block}.weight_decay", lo=0.0)
   c.number(f"{block}.min_lr_ratio", lo=0.0, hi=1.0)
   c.one_of(f"{block}.schedule", ("constant", "cosine"))
-  c.one_of(f"{block}.mu_dtype", ("",) + _DTYPES)
+  c.one_of(f"{block}.mu_dtype", ("",) + hf.DTYPES)
 
 
 def _check_grpo(c: _Checker) -> None:
-  from searche1_jax.rl import grpo
   c.one_of("grpo.estimator", grpo.ESTIMATORS)
   c.one_of("grpo.kl_estimator", grpo.KL_ESTIMATORS)
   c.one_of("grpo.agg", grpo.AGG_MODES)
@@ -382,8 +375,8 @@ def _check_grpo(c: _Checker) -> None:
   c.number("grpo.adv_eps", lo=0.0)
   c.number("grpo.temperature", lo=0.0, lo_open=True)
   c.number("grpo.tis_cap", lo=0.0)
-  c.one_of("grpo.old_logprobs", ("recompute", "sampler"))
-  c.one_of("grpo.ref_logprobs", ("in_step", "precompute"))
+  c.one_of("grpo.old_logprobs", grpo_loss.OLD_LOGPROBS_MODES)
+  c.one_of("grpo.ref_logprobs", grpo_loss.REF_MODES)
   c.number("grpo.num_microbatches", lo=1, integer=True)
   c.number("grpo.logprob_chunk_size", lo=1, integer=True)
   tis = c.get("grpo.tis_cap")
@@ -419,22 +412,21 @@ def _check_train(c: _Checker) -> None:
 def _check_ofsd(c: _Checker) -> None:
   if not c.has("ofsd"):
     return
-  from searche1_jax.rl import ofsd
   c.boolean("ofsd.enabled")
   c.one_of("ofsd.mode", OFSD_MODES)
   c.one_of("ofsd.kind", ofsd.KINDS)
   c.number("ofsd.beta", lo=0.0, hi=1.0)
   c.number("ofsd.top_k", lo=0, integer=True, allow_none=True)
   c.number("ofsd.temperature", lo=0.0, lo_open=True)
-  c.one_of("ofsd.spans", OFSD_SPANS)
-  c.one_of("ofsd.efficiency", OFSD_EFFICIENCY)
+  c.one_of("ofsd.spans", privileged.SPANS)
+  c.one_of("ofsd.efficiency", pairs.EFFICIENCY)
   c.number("ofsd.max_pairs_per_question", lo=1, integer=True, allow_none=True)
   c.boolean("ofsd.include_correct_students")
-  c.one_of("ofsd.context_siblings", OFSD_CONTEXT_SIBLINGS)
-  c.one_of("ofsd.context_format", OFSD_CONTEXT_FORMATS)
+  c.one_of("ofsd.context_siblings", privileged.SIBLINGS)
+  c.one_of("ofsd.context_format", privileged.FORMATS)
   c.boolean("ofsd.context_passages")
   c.boolean("ofsd.context_answer")
-  c.one_of("ofsd.context_position", OFSD_CONTEXT_POSITIONS)
+  c.one_of("ofsd.context_position", privileged.POSITIONS)
   c.number("ofsd.group_size", lo=2, integer=True)
   c.number("ofsd.rollout_temperature", lo=0.0)
   c.number("ofsd.questions_per_phase", lo=1, integer=True)
@@ -444,7 +436,7 @@ def _check_ofsd(c: _Checker) -> None:
   c.number("ofsd.alpha", lo=0.0)
   c.number("ofsd.warmup_steps", lo=0, integer=True)
   c.number("ofsd.chunk_size", lo=1, integer=True)
-  c.one_of("ofsd.storage", OFSD_STORAGE)
+  c.one_of("ofsd.storage", ofsd_phase.STORAGE)
   b, n = c.get("ofsd.batch_size"), c.get("ofsd.num_microbatches")
   if isinstance(b, int) and isinstance(n, int) and n >= 1 and b % n:
     c.problems.append(f"ofsd.num_microbatches={n!r} must divide ofsd.batch_size={b!r}")
@@ -488,7 +480,7 @@ def _check_sampling(c: _Checker) -> None:
 
 
 def _check_retrieval(c: _Checker) -> None:
-  c.one_of("retrieval.backend", ("scann", "exact", "http"))
+  c.one_of("retrieval.backend", retriever.BACKENDS)
   c.number("retrieval.miss_rate", lo=0.0, hi=1.0, hi_open=True)
   c.number("retrieval.miss_seed", lo=0, integer=True)
   for field in ("miss_rate", "miss_seed"):  # the warm-start transcripts script the misses the rollouts meet
@@ -517,7 +509,7 @@ def _check_data(c: _Checker) -> None:
 
 def _check_misc(c: _Checker) -> None:
   c.number("seed", lo=0, integer=True)
-  c.one_of("distributed.mode", DISTRIBUTED_MODES)
+  c.one_of("distributed.mode", distributed.MODES)
   c.number("distributed.num_processes", lo=1, integer=True, allow_none=True)
   c.number("distributed.process_id", lo=0, integer=True, allow_none=True)
   n, i = c.get("distributed.num_processes"), c.get("distributed.process_id")

@@ -258,6 +258,11 @@ def test_chat_template_prompt(tok):
   assert ids == enc(tok, text)
   assert rollout.build_prompt_ids(tok, "Who", protocol.SEARCH_R1_TEMPLATE) == enc(
       tok, protocol.SEARCH_R1_TEMPLATE.replace("{question}", "Who?"))
+  # The one prompt encoder: a system turn goes first; without a chat template a system turn is an error.
+  assert protocol.encode_prompt(chat_tok, "hi", system_text="ctx") == enc(
+      tok, "<|system|>ctx<|end|><|user|>hi<|end|><|assistant|>")
+  with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+    protocol.encode_prompt(tok, "hi", system_text="ctx")
 
 
 def test_trajectories_pass_validation_and_batch(tok):

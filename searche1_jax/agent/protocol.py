@@ -66,6 +66,21 @@ def make_prompt(question: str, template: str = SEARCH_R1_TEMPLATE) -> str:
   return template.replace("{question}", normalize_question(question))
 
 
+def encode_prompt(tokenizer, user_text: str, system_text: str | None = None) -> list[int]:
+  """The prompt's token ids, the one encoder of the package (rollouts, OFSD layouts, warm start): with a chat
+  template, the user turn (after an optional system turn) plus the generation prompt, encoded without extra special
+  tokens; without one, the raw text as `tokenizer.encode` gives it (a system turn then is an error)."""
+  if getattr(tokenizer, "chat_template", None):
+    messages = [{"role": "system", "content": system_text}] if system_text is not None else []
+    messages.append({"role": "user", "content": user_text})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+  if system_text is not None:
+    raise ValueError("a system turn (ofsd.context_position='system') needs a tokenizer with a chat template; this "
+                     "tokenizer has none (use 'before_question' or 'after_question')")
+  return [int(i) for i in tokenizer.encode(user_text)]
+
+
 def split_contents(contents: str) -> tuple[str, str]:
   """Splits a wiki-18 `contents` string into (first line, rest), as Search-R1 does.
 

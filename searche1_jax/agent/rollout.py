@@ -29,8 +29,6 @@ import logging
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-import numpy as np
-
 from searche1_jax import rewards
 from searche1_jax.agent import actions
 from searche1_jax.agent import protocol
@@ -112,14 +110,8 @@ class RolloutResult:
 
 
 def build_prompt_ids(tokenizer, question: str, template: str) -> list[int]:
-  """`make_prompt(question, template)`, as the user turn of the tokenizer's chat template (with the generation
-  prompt) when it has one, else the raw text."""
-  text = protocol.make_prompt(question, template)
-  if getattr(tokenizer, "chat_template", None):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
-  return list(tokenizer.encode(text))
+  """The prompt ids of one question: `protocol.encode_prompt` of `protocol.make_prompt(question, template)`."""
+  return protocol.encode_prompt(tokenizer, protocol.make_prompt(question, template))
 
 
 def stop_token_sequences(tokenizer, stop_strings: Sequence[str], contexts: Sequence[str]) -> list[list[int]]:

@@ -25,10 +25,11 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory
 
 FINGERPRINT_FILE = "warm_start.json"
@@ -38,15 +39,6 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
 
 
 # ------------------------------------------------------------------------------------------------ tokenization
-
-def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
-  """The prompt's ids exactly as `agent.rollout.build_prompt_ids` makes them (chat template when there is one)."""
-  if getattr(tokenizer, "chat_template", None):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text}], tokenize=False,
-                                         add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
-  return list(tokenizer.encode(prompt_text))
-
 
 def tokenize_segments(segments: Sequence[tuple[str, bool]], tokenizer, *, add_eos: bool = True,
                       prompt_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +52,7 @@ def tokenize_segments(segments: Sequence[tuple[str, bool]], tokenizer, *, add_eo
     raise ValueError("tokenize_segments: a transcript needs at least the prompt segment")
   if segments[0][1]:
     raise ValueError("tokenize_segments: the first segment is the prompt and must not be trainable")
-  ids: list[int] = list(encode_prompt(tokenizer, segments[0][0]) if prompt_ids is None else prompt_ids)
+  ids: list[int] = list(protocol.encode_prompt(tokenizer, segments[0][0]) if prompt_ids is None else prompt_ids)
   mask: list[int] = [0] * len(ids)
   for text, trainable in segments[1:]:
     piece = list(tokenizer.encode(text, add_special_tokens=False))

@@ -41,7 +41,7 @@ MODEL_TYPES = ("qwen2",)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # Tensors some exporters add that carry no learned state.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class HFCheckpointError(ValueError):
@@ -407,8 +407,8 @@ def load_hf(hf_dir: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mes
     raise HFCheckpointError(f"{hf_dir}: not a directory")
   config_path = os.path.join(hf_dir, CONFIG_FILE)
   np_dtype = jnp.dtype(dtype)
-  if np_dtype.name not in _DTYPES:
-    raise HFCheckpointError(f"load_hf: dtype must be one of {_DTYPES}, got {np_dtype.name}")
+  if np_dtype.name not in DTYPES:
+    raise HFCheckpointError(f"load_hf: dtype must be one of {DTYPES}, got {np_dtype.name}")
   cfg = config_from_hf(config_path, param_dtype=np_dtype.name,
                        dtype=jnp.dtype(compute_dtype).name if compute_dtype is not None else None)
   reader = _Reader(hf_dir)
@@ -454,8 +454,8 @@ def save_hf(params, cfg: qwen2.Qwen2Config, out_dir: str | os.PathLike, *, dtype
   """
   out_dir = os.fspath(out_dir)
   dtype = jnp.dtype(dtype or cfg.param_dtype).name
-  if dtype not in _DTYPES:
-    raise ValueError(f"save_hf: dtype must be one of {_DTYPES}, got {dtype}")
+  if dtype not in DTYPES:
+    raise ValueError(f"save_hf: dtype must be one of {DTYPES}, got {dtype}")
   np_dtype = jnp.dtype(dtype)
   entries = _name_map(cfg, with_bias=True)
   itemsize = np_dtype.itemsize

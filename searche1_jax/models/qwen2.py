@@ -39,6 +39,9 @@ Params = dict[str, Any]
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
+REMAT_MODES = ("none", "full", "dots")  # rematerialization of each decoder layer in the backward pass
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
   """Shapes and numerics of a Qwen2-architecture decoder. Hashable: pass it as a static jit argument."""
@@ -69,7 +72,7 @@ class Qwen2Config:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.attention_block < 0:
       raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
-    if self.remat not in ("none", "full", "dots"):
+    if self.remat not in REMAT_MODES:
       raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
     for f in ("param_dtype", "dtype"):
       if getattr(self, f) not in ("float32", "bfloat16", "float16"):

@@ -224,32 +224,14 @@ def context_block(shown: Sequence[Trajectory], tokenizer, opts: ContextOptions,
   return f"{opts.header_all}\n" + "\n".join(parts) + "\n"
 
 
-def has_chat_template(tokenizer) -> bool:
-  return bool(getattr(tokenizer, "chat_template", None))
-
-
-def encode_prompt(tokenizer, user_text: str, system_text: str | None = None) -> list[int]:
-  """Prompt ids as the rollout builds them: the chat template's user turn (+ optional system turn) with the
-  generation prompt when the tokenizer has one, else the raw text."""
-  if has_chat_template(tokenizer):
-    messages = ([{"role": "system", "content": system_text}] if system_text is not None else [])
-    messages.append({"role": "user", "content": user_text})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
-  if system_text is not None:
-    raise ValueError("ofsd.context_position='system' needs a tokenizer with a chat template; this tokenizer has "
-                     "none (use 'before_question' or 'after_question')")
-  return [int(i) for i in tokenizer.encode(user_text)]
-
-
 def teacher_prompt_ids(tokenizer, question: str, block: str, opts: ContextOptions) -> list[int]:
   """The teacher's prompt ids: the plain prompt text with `block` placed at opts.context_position."""
   prompt_text = protocol.make_prompt(question, opts.template)
   if opts.context_position == "system":
-    return encode_prompt(tokenizer, prompt_text, system_text=block)
+    return protocol.encode_prompt(tokenizer, prompt_text, system_text=block)
   if opts.context_position == "before_question":
-    return encode_prompt(tokenizer, block + "\n" + prompt_text)
-  return encode_prompt(tokenizer, prompt_text + "\n" + block)
+    return protocol.encode_prompt(tokenizer, block + "\n" + prompt_text)
+  return protocol.encode_prompt(tokenizer, prompt_text + "\n" + block)
 
 
 # ----------------------------------------------------------------------------------------------- distill mask
@@ -350,7 +332,7 @@ def distill_mask(traj: Trajectory, tokenizer, spans: str = "policy") -> np.ndarr
 
 def plain_prompt_ids(tokenizer, question: str, opts: ContextOptions) -> list[int]:
   """The student's prompt as the rollout builds it (to check a trajectory against the tokenizer/template)."""
-  return encode_prompt(tokenizer, protocol.make_prompt(question, opts.template))
+  return protocol.encode_prompt(tokenizer, protocol.make_prompt(question, opts.template))
 
 
 def check_student_prompt(student: Trajectory, tokenizer, opts: ContextOptions) -> None:
