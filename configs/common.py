@@ -144,7 +144,7 @@ MODEL_SIZES = {"3b": ("qwen2.5-3b", "Qwen2.5-3B"), "7b": ("qwen2.5-7b", "Qwen2.5
 
 
 def apply_model(config: ml_collections.ConfigDict, model: str, root: str) -> None:
-  """Model preset and the HF checkpoint directory under `root` (README: ROOT/models/Qwen2.5-3B, ...)."""
+  """Model preset and the HF checkpoint directory under `root` (docs/tpu.md: ROOT/models/Qwen2.5-3B, ...)."""
   if model not in MODEL_SIZES:
     raise config_utils.ConfigError(f"model={model!r}: unknown model size; known: {sorted(MODEL_SIZES)}")
   preset, hf_name = MODEL_SIZES[model]

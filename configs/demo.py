@@ -143,7 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # 0.7M-parameter policy carried the shift over to question types the pairs did not cover (compositional
       # answers stopped after the first hop): over three warm-start seeds 7 of 9 phases lowered EM, 3 by more
       # than 0.07. On query + answer tokens no phase moved EM by more than 0.03 and searches on correct answers
-      # fell in 6 of 9 (README; measured).
+      # fell in 6 of 9 (docs/demo.md; measured).
       "ofsd.spans": "query_answer",
       "ofsd.context_format": "actions", "ofsd.context_answer": False, "ofsd.context_passages": False,
       "warm_start.hint_fraction": 0.3,

@@ -1,12 +1,12 @@
 """SD-Search style on-policy self-distillation: L = L_GRPO + 1e-3 * L_SD after 50 warm-up steps.
 
-SD-Search (arXiv 2605.18299, REFERENCE.md): the teacher is the same policy with a hindsight block of all G sibling
+SD-Search (arXiv 2605.18299, docs/reference.md): the teacher is the same policy with a hindsight block of all G sibling
 rollouts, actions only (search spans), each labelled CORRECT / INCORRECT; the loss is JSD on the search-query
 tokens, top-k 50; `L = L_GRPO + 1e-3 * L_SD` switched on after 50 warm-up steps. Its 3B ablation of the
 divergence: JSD .428 > forward KL .418 > reverse KL .414. The GRPO part is the Search-R1 recipe
 (configs/search_r1_grpo.py). Here via `ofsd.mode = 'on_policy'`; our JSD uses beta = 0.5.
 
-Published average EM over the seven benchmarks (REFERENCE.md):
+Published average EM over the seven benchmarks (docs/reference.md):
 
   | method                           | Qwen2.5-3B    | Qwen2.5-7B    |
   |----------------------------------|---------------|---------------|
@@ -15,7 +15,7 @@ Published average EM over the seven benchmarks (REFERENCE.md):
   | Search-E1                        | 0.440         | not public    |
 
 Arguments (`--config configs/sd_search.py:model=7b,mesh=v5e-16,root=/mnt/disks/persist`):
-  model  '3b' | '7b';  mesh  'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu';  root  data/model directory (see README)
+  model  '3b' | '7b';  mesh  'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu';  root  data/model directory (see docs/training.md)
 """
 from configs import common
 from configs import search_r1_grpo

@@ -7,11 +7,11 @@ the less efficient correct siblings; the teacher sees the question plus the refe
 student's tokens; targets are stored offline as the teacher's top-64 log-probs (+ tail bucket); then 2 epochs of
 forward KL(teacher || student) on all policy tokens, plain context. Only "forward KL, privileged efficient
 sibling, dense token-level, offline after each GRPO round" comes from the paper (arXiv 2605.22511); the round
-length, phase size, top-k, epochs and learning rate are our documented defaults (DESIGN.md).
+length, phase size, top-k, epochs and learning rate are our documented defaults (docs/design.md).
 
 5 rounds x 200 GRPO steps = 1000 GRPO steps, matching Search-R1's 1005-step budget plus the OFSD phases.
 
-Published average EM over the seven benchmarks (REFERENCE.md):
+Published average EM over the seven benchmarks (docs/reference.md):
 
   | method                                   | Qwen2.5-3B    | Qwen2.5-7B    |
   |------------------------------------------|---------------|---------------|
@@ -22,7 +22,7 @@ Published average EM over the seven benchmarks (REFERENCE.md):
   | LLDS (base / instruct); GSPO+LLDS instr. | 0.440 / 0.441; 0.451 | 0.480 / 0.483 |
 
 Arguments (`--config configs/search_e1.py:model=7b,mesh=v5e-16,root=/mnt/disks/persist`):
-  model  '3b' | '7b';  mesh  'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu';  root  data/model directory (see README)
+  model  '3b' | '7b';  mesh  'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu';  root  data/model directory (see docs/tpu.md)
 """
 from configs import common
 from configs import search_r1_grpo

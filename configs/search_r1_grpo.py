@@ -1,12 +1,12 @@
 """Search-R1 GRPO baseline: Qwen2.5 base + GRPO with a search engine, no self-distillation.
 
-Settings follow PeterGriffinJin/Search-R1 `scripts/nq_hotpotqa/v0.2/train_grpo.sh` (REFERENCE.md):
+Settings follow PeterGriffinJin/Search-R1 `scripts/nq_hotpotqa/v0.2/train_grpo.sh` (docs/reference.md):
 train / val batch 512 / 256 prompts, n = 5 at temperature 1, max prompt / response / start / obs length
 4096 / 500 / 2048 / 500 tokens, lr 1e-6 with warmup ratio 0.285, KL in the loss (coef 0.001, k3), clip 0.2,
 grad clip 1.0, 1 PPO epoch, mini-batch 256 prompts, micro-batch 64 trajectories, 1005 steps, 4 search turns,
 top-3 passages of intfloat/e5-base-v2 over wiki-18, greedy validation.
 
-Published average EM over NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle (REFERENCE.md):
+Published average EM over NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle (docs/reference.md):
 
   | method                           | Qwen2.5-3B    | Qwen2.5-7B    |
   |----------------------------------|---------------|---------------|
@@ -20,7 +20,7 @@ Published average EM over NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, MuSiQue, Bamboog
 Arguments (`--config configs/search_r1_grpo.py:model=7b,mesh=v5e-16,root=/mnt/disks/persist`):
   model  '3b' | '7b'                                  (Qwen2.5 base; weights in ROOT/models/Qwen2.5-{3B,7B})
   mesh   'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu'          (configs/common.py MESH_PRESETS)
-  root   directory with models/, raw/, tfds/, index/   (README: trainer walk-through)
+  root   directory with models/, raw/, tfds/, index/   (docs/tpu.md)
 """
 from configs import common
 

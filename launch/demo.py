@@ -23,8 +23,6 @@ prints its table again).
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -32,6 +30,8 @@ import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `configs`
+
+from searche1_jax import fingerprint as fp_lib  # noqa: E402  (after the repo root is on sys.path)
 
 STAMP = "demo_fingerprint.json"
 CATEGORIES = ("single_hop", "compositional", "comparison", "three_hop")
@@ -41,31 +41,18 @@ CATEGORY_TITLES = {"single_hop": "single-hop", "compositional": "compositional",
 
 # ------------------------------------------------------------------------------------------------ caching
 
-def _plain(x) -> Any:
-  if hasattr(x, "to_dict"):
-    x = x.to_dict()
-  return json.loads(json.dumps(x, sort_keys=True, default=str))
-
-
 def fingerprint(*parts) -> str:
   """A short hash of JSON-able parts (config blocks are converted to plain dicts)."""
-  return hashlib.sha256(json.dumps([_plain(p) for p in parts], sort_keys=True).encode()).hexdigest()[:16]
+  return fp_lib.digest([fp_lib.plain(p) for p in parts])
 
 
 def read_stamp(directory: str) -> str | None:
-  path = os.path.join(directory, STAMP)
-  try:
-    with open(path) as f:
-      return json.load(f)["fingerprint"]
-  except (OSError, ValueError, KeyError):
-    return None
+  stamp = fp_lib.read_json(os.path.join(directory, STAMP))
+  return stamp.get("fingerprint") if isinstance(stamp, dict) else None
 
 
 def write_stamp(directory: str, fp: str, **info) -> None:
-  tmp = os.path.join(directory, STAMP + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"fingerprint": fp, **info}, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, STAMP))
+  fp_lib.write_json_atomic(os.path.join(directory, STAMP), {"fingerprint": fp, **info})
 
 
 def cached_stage(directory: str, fp: str, build: Callable[[str], Any]) -> bool:

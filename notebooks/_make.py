@@ -17,13 +17,13 @@ from nbformat import v4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# The repository URL the Colab cell clones: a placeholder until the repository is published (README, Notebooks).
+# The URL the Colab cell clones: a placeholder until the repository is published (docs/notebooks_and_tests.md).
 REPO_URL = "https://github.com/YOUR_ORG/searche1_jax.git"
 COLAB_URL = "https://colab.research.google.com/github/YOUR_ORG/searche1_jax/blob/main/notebooks/{name}"
 
 SETUP = f'''\
 # Setup. In Colab this clones the repository and installs the package (`pip install -e .`); set REPO_URL to
-# your clone's URL (README, "Notebooks"). Elsewhere, open the notebook from a checkout (notebooks/ or the
+# your clone's URL (docs/notebooks_and_tests.md). Elsewhere, open the notebook from a checkout (notebooks/ or the
 # repository root) in an environment with the package's dependencies (`pip install -e .`).
 import os
 import subprocess
@@ -679,7 +679,7 @@ plt.show()
 For distillation this is the choice between a student that keeps *all* the teacher's plausible continuations
 (forward KL, the Search-E1 default: dense supervision on every token, never zero where the teacher is not) and
 one that commits to the teacher's dominant behaviour (reverse KL; SD-Search found JSD best on search-query tokens,
-REFERENCE.md).
+docs/reference.md).
 
 ## 2. Top-k with a tail bucket
 

@@ -576,4 +576,4 @@ def check_workdir(workdir: str) -> None:
   file I/O, so gs://bucket/run would silently become a local folder named 'gs:'."""
   if "://" in str(workdir):
     raise ConfigError(f"--workdir={workdir}: a URL is not supported; mount the bucket (e.g. with gcsfuse, see the "
-                      "README's Cloud TPU section) and pass the mounted path")
+                      "docs/tpu.md) and pass the mounted path")

@@ -6,7 +6,7 @@ import pytest
 
 from fixtures.retrieval.helpers import WIKI_PASSAGES
 from searche1_jax.retrieval import Corpus, CorpusFormatError, Passage, iter_passages, scan_corpus
-from searche1_jax.retrieval.fingerprint import file_fingerprint, fingerprint_mismatch
+from searche1_jax.fingerprint import file_fingerprint, fingerprint_mismatch
 
 
 def _write(path, lines):

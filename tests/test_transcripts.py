@@ -12,7 +12,7 @@ from searche1_jax.demo import synthetic_world as sw
 from searche1_jax.demo import transcripts as tr
 from searche1_jax.retrieval import misses
 
-# REFERENCE.md, Search-R1 template_type='base', written out independently of the module.
+# docs/reference.md, Search-R1 template_type='base', written out independently of the module.
 REFERENCE_TEMPLATE = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
     "new information. After reasoning, if you find you lack some knowledge, you can call a search engine by "
@@ -51,7 +51,7 @@ def test_format_observation_both_styles():
   assert protocol.format_observation(docs) == (
       '\n\n<information>Doc 1(Title: "Alpha Town") Alpha Town is a town.\n'
       'Doc 2(Title: "Beta") Beta line one.\nline two</information>\n\n')
-  # REFERENCE.md wording: bare titles, newline after every doc.
+  # docs/reference.md wording: bare titles, newline after every doc.
   assert protocol.format_observation(docs, keep_title_quotes=False, strip_docs=False) == (
       "\n\n<information>Doc 1(Title: Alpha Town) Alpha Town is a town.\n"
       "Doc 2(Title: Beta) Beta line one.\nline two\n</information>\n\n")

@@ -1,7 +1,7 @@
 """GRPO block: advantages, the clipped policy loss, the KL to the reference, and how the train step runs.
 
 Consumed by `searche1_jax.rl.grpo` (the loss math) and `searche1_jax.train.steps` (grpo_loss_fn,
-make_grpo_step). Defaults reproduce Search-R1's GRPO settings (REFERENCE.md, scripts/nq_hotpotqa/v0.2/
+make_grpo_step). Defaults reproduce Search-R1's GRPO settings (docs/reference.md, scripts/nq_hotpotqa/v0.2/
 train_grpo.sh and the veRL defaults it runs on) unless a comment says otherwise.
 """
 import ml_collections
@@ -10,18 +10,18 @@ import ml_collections
 def get() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Advantages.
-  c.group_size = 5  # rollouts per question (REFERENCE.md: n = 5)
+  c.group_size = 5  # rollouts per question (docs/reference.md: n = 5)
   c.estimator = "grpo"  # 'grpo' (r - mean) / (std + eps) | 'drgrpo' r - mean | 'rloo' leave-one-out
   c.adv_eps = 1e-6  # added to the group std ('grpo' estimator; veRL epsilon 1e-6)
   # Policy loss.
-  c.clip_eps = 0.2  # PPO clip, lower side: ratio >= 1 - clip_eps (REFERENCE.md: clip ratio 0.2)
+  c.clip_eps = 0.2  # PPO clip, lower side: ratio >= 1 - clip_eps (docs/reference.md: clip ratio 0.2)
   c.clip_eps_high = 0.2  # PPO clip, upper side: ratio <= 1 + clip_eps_high (0.2 = symmetric; DAPO uses 0.28)
   c.agg = "token-mean"  # loss aggregation: 'token-mean' (veRL of Search-R1) | 'seq-mean-token-mean' |
   #                       'seq-mean-token-sum'
-  c.temperature = 1.0  # logits / temperature when scoring, must equal the sampling temperature (REFERENCE.md: 1)
+  c.temperature = 1.0  # logits / temperature when scoring, must equal the sampling temperature (docs/reference.md: 1)
   # KL to the frozen reference policy, inside the loss.
-  c.kl_coef = 0.001  # weight of the per-token KL estimate (REFERENCE.md: 0.001); 0 = no reference at all
-  c.kl_estimator = "k3"  # 'k1' | 'k2' | 'k3' (REFERENCE.md: low-variance k3)
+  c.kl_coef = 0.001  # weight of the per-token KL estimate (docs/reference.md: 0.001); 0 = no reference at all
+  c.kl_estimator = "k3"  # 'k1' | 'k2' | 'k3' (docs/reference.md: low-variance k3)
   c.ref_logprobs = "in_step"  # 'in_step': ref params in the TrainState, scored inside the step (stop-gradient)
   #                             'precompute': a separate jitted pass before the step (Search-R1's ref worker)
   c.ref_on_host = False  # 'precompute' only: keep ref params in host memory, put on device only for that pass

@@ -3,7 +3,7 @@
 The paper (Search-E1, arXiv 2605.22511) fixes only: after each GRPO round the policy rolls out on its own training
 questions, and a token-level forward KL aligns its plain-context distribution to its own distribution under a
 privileged context exposing a more efficient sibling trajectory. Every other value below is a documented default
-of ours (DESIGN.md, "OFSD: what the paper says and our documented defaults"), switchable here.
+of ours (docs/design.md, "OFSD: what the paper says and our documented defaults"), switchable here.
 
 Two regimes (`mode`):
   'offline'   (Search-E1): after each GRPO round, snapshot the policy (the teacher), roll out `group_size`

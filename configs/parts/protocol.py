@@ -1,7 +1,7 @@
 """Search-R1 protocol block: `config.protocol = parts.protocol.get()`.
 
 Values follow Search-R1 (PeterGriffinJin/Search-R1, `scripts/nq_hotpotqa/v0.2/train_grpo.sh` and
-`search_r1/llm_agent/generation.py`); see REFERENCE.md. The strings themselves live in
+`search_r1/llm_agent/generation.py`); see docs/reference.md. The strings themselves live in
 `searche1_jax/agent/protocol.py` so there is one copy of them.
 """
 import ml_collections
@@ -36,7 +36,7 @@ def get() -> ml_collections.ConfigDict:
   # (Search-R1 data.max_prompt_length).
   c.max_prompt_length = 4096
   # Observation text: keep wiki-18 titles in their quotes and strip the doc string, as Search-R1's
-  # code does; False/False gives the REFERENCE.md wording (bare titles, '\n' after every doc).
+  # code does; False/False gives the docs/reference.md wording (bare titles, '\n' after every doc).
   c.obs_keep_title_quotes = True
   c.obs_strip_docs = True
   return c

@@ -37,7 +37,7 @@ def get() -> ml_collections.ConfigDict:
   # Share of each transcript kind (normalized; exact counts by largest remainder):
   # efficient = the ideal plan; redundant = one search repeated verbatim; verify = the plan, then
   # the last hop searched again in other words "to double-check" (never changes the answer; off
-  # by default: GRPO alone removed it, see the README's demo section); vague = one query that
+  # by default: GRPO alone removed it, see docs/demo.md); vague = one query that
   # only finds look-alikes, then a precise follow-up; premature = answers before the last hop (a
   # guess, mostly wrong); wrong = searches fully, then answers from a distractor.
   t.rates = ml_collections.ConfigDict(

@@ -1,6 +1,6 @@
 """Parse one turn's decoded response text into the agent's action: search, answer, or invalid.
 
-Pure string functions. The rules follow how a turn is generated (DESIGN.md): decoding stops at the first
+Pure string functions. The rules follow how a turn is generated (docs/design.md): decoding stops at the first
 `</search>`, else at the first `</answer>`, so the action of a turn is the complete tag pair that CLOSES first:
 
 - search: the first complete `<search> q </search>`; the query is stripped and cut to `max_query_chars`

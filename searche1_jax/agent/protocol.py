@@ -22,7 +22,7 @@ TAGS = (
     ANSWER_OPEN, ANSWER_CLOSE,
 )
 
-# A generation turn stops at the first of these (search first, then answer); see DESIGN.md.
+# A generation turn stops at the first of these (search first, then answer); see docs/design.md.
 STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
 
 # Search-R1 `template_type='base'`, byte-exact ({question} is already stripped, '?' appended).
@@ -130,7 +130,7 @@ def format_observation(passages: Sequence[Any], keep_title_quotes: bool = True,
   Defaults follow Search-R1's code byte for byte: the title is the first line of `contents`
   as stored (wiki-18 keeps it in quotes) and the doc string is `.strip()`-ed, so the last doc
   has no trailing newline. `keep_title_quotes=False, strip_docs=False` gives the variant
-  written in REFERENCE.md (bare titles, `\\n` after every doc).
+  written in docs/reference.md (bare titles, `\\n` after every doc).
   Truncation to `max_obs_length` tokens is the rollout's job (it needs the tokenizer).
   """
   docs = format_passages(passages, keep_title_quotes=keep_title_quotes)

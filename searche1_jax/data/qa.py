@@ -21,7 +21,6 @@ files they came from, so a changed source is rebuilt instead of silently read st
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,8 @@ import shutil
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from searche1_jax import fingerprint as fp_lib
 
 # Search-R1 test sets and the FlashRAG split each is evaluated on (test where it exists, else
 # dev), with the published sizes: NQ 3,610; TriviaQA 11,313; PopQA 14,267; HotpotQA 7,405;
@@ -364,20 +365,12 @@ def _fingerprint(name: str, data_dir: str) -> dict:
     for _, path, _ in items:
       if path in files:
         continue
-      h = hashlib.sha256()
-      with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          h.update(block)
-      files[os.path.abspath(path)] = h.hexdigest()
+      files[os.path.abspath(path)] = fp_lib.sha256_file(path)
   return {"dataset": name, "version": VERSION, "files": files}
 
 
 def _read_fingerprint(path: str) -> dict | None:
-  try:
-    with open(os.path.join(path, SOURCES_FILE), encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None
+  return fp_lib.read_json(os.path.join(path, SOURCES_FILE))
 
 
 def is_built(name: str, tfds_dir: str) -> bool:
@@ -400,10 +393,7 @@ def build(name: str, data_dir: str, tfds_dir: str, overwrite: bool = False) -> s
   builder = _builder_cls()(config=name, data_dir=tfds_dir, file_format="array_record",
                            source_dir=data_dir)
   builder.download_and_prepare()
-  tmp = os.path.join(out, SOURCES_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(fingerprint, f, indent=1)
-  os.replace(tmp, os.path.join(out, SOURCES_FILE))
+  fp_lib.write_json_atomic(os.path.join(out, SOURCES_FILE), fingerprint, indent=1)
   return out
 
 

@@ -19,7 +19,6 @@ the tokenizer and the world's training questions and corpus).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from searche1_jax import fingerprint as fp_lib
 from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory
 
@@ -120,52 +120,31 @@ def model_config(model_block, vocab_size: int):
 
 # ------------------------------------------------------------------------------------------------ caching
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def _plain(x):
-  if hasattr(x, "to_dict"):
-    x = x.to_dict()
-  return json.loads(json.dumps(x, sort_keys=True, default=str))
-
-
 def fingerprint(block, model_block, transcripts_cfg, protocol_cfg, tokenizer_dir: str, world_dir: str,
                 hint_context=None) -> str:
   """Hash of everything the warm-start result depends on (the `out_dir` field excluded)."""
   from searche1_jax.demo import synthetic_world as sw
-  ws = _plain(block)
+  ws = fp_lib.plain(block)
   ws.pop("out_dir", None)
   files = {}
   for name in ("tokenizer.json", "tokenizer_config.json"):
     path = os.path.join(tokenizer_dir, name)
-    files[name] = _sha256_file(path) if os.path.isfile(path) else None
+    files[name] = fp_lib.sha256_file(path) if os.path.isfile(path) else None
   for name in (sw.TRAIN_FILE, sw.CORPUS_FILE):
-    files[name] = _sha256_file(os.path.join(world_dir, name))
-  proto = {k: _plain(protocol_cfg[k]) for k in ("template", "topk", "max_turns", "obs_keep_title_quotes",
+    files[name] = fp_lib.sha256_file(os.path.join(world_dir, name))
+  proto = {k: fp_lib.plain(protocol_cfg[k]) for k in ("template", "topk", "max_turns", "obs_keep_title_quotes",
                                                 "obs_strip_docs")} if protocol_cfg is not None else None
-  model = {k: _plain(model_block[k]) for k in ("preset", "param_dtype", "dtype") + _SHAPE_FIELDS if k in model_block}
-  payload = {"version": FORMAT_VERSION, "warm_start": ws, "model": model, "transcripts": _plain(transcripts_cfg),
+  model = {k: fp_lib.plain(model_block[k]) for k in ("preset", "param_dtype", "dtype") + _SHAPE_FIELDS if k in model_block}
+  payload = {"version": FORMAT_VERSION, "warm_start": ws, "model": model, "transcripts": fp_lib.plain(transcripts_cfg),
              "protocol": proto, "files": files}
   if float(block.get("hint_fraction", 0.0)) > 0 and hint_context is not None:
     payload["hint_context"] = dataclasses.asdict(hint_context)
-  return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+  return fp_lib.digest(payload)
 
 
 def read_info(out_dir: str) -> dict | None:
   """The `warm_start.json` of a finished warm start (None when absent or unreadable)."""
-  path = os.path.join(out_dir, FINGERPRINT_FILE)
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return fp_lib.read_json(os.path.join(out_dir, FINGERPRINT_FILE))
 
 
 def is_cached(out_dir: str, fp: str) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 from searche1_jax.retrieval import index as index_lib
 from searche1_jax.retrieval.corpus import Corpus, scan_corpus
 from searche1_jax.retrieval.encoder import Encoder
-from searche1_jax.retrieval.fingerprint import file_fingerprint
+from searche1_jax.fingerprint import file_fingerprint
 
 STATE = "build_state.json"
 SHARDS = "shards"

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from searche1_jax.models import bert
-from searche1_jax.retrieval.fingerprint import file_fingerprint
+from searche1_jax.fingerprint import file_fingerprint
 
 E5_PREFIXES = ("query: ", "passage: ")
 # Known HF repos for `from_hf("intfloat/e5-base-v2")` (downloaded once with huggingface_hub when online).

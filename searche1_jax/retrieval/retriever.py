@@ -8,7 +8,7 @@ from typing import Any
 from searche1_jax.retrieval import index as index_lib
 from searche1_jax.retrieval.corpus import Corpus
 from searche1_jax.retrieval.encoder import Encoder
-from searche1_jax.retrieval.fingerprint import file_fingerprint, fingerprint_mismatch
+from searche1_jax.fingerprint import file_fingerprint, fingerprint_mismatch
 from searche1_jax.retrieval.misses import MissingRetriever
 from searche1_jax.retrieval.passage import Passage, check_queries
 

@@ -1,4 +1,4 @@
-"""Sampling with a KV cache: jitted prefill / extend / decode, stop sequences, log-probs (see README#sampling).
+"""Sampling with a KV cache: jitted prefill / extend / decode, stop sequences, log-probs (see docs/models_and_sampling.md).
 
   generate(params, cfg, prompts, max_new_tokens=..., ...) -> GenerateResult   one batch, one turn
   Session(params, cfg, prompts, max_len=..., ...)                              multi-turn rollouts:

@@ -5,8 +5,8 @@ rollout, a progress bar over questions), scores the answer of each trajectory, a
 
   results.json        per benchmark: n, em, f1, mean_searches, mean_response_tokens, mean_policy_tokens,
                       invalid_action_rate, answered_rate, stop_reasons; 'average' = the unweighted mean over the
-                      benchmarks (REFERENCE.md's average EM); timings of decoding vs retrieval.
-  results.md          the EM table in REFERENCE.md's layout (one row, a column per benchmark, then Avg.) and a
+                      benchmarks (docs/reference.md's average EM); timings of decoding vs retrieval.
+  results.md          the EM table in docs/reference.md's layout (one row, a column per benchmark, then Avg.) and a
                       details table.
   trajectories.jsonl  every trajectory with its decoded text (appended batch by batch, so a crash keeps what ran).
 
@@ -31,7 +31,7 @@ from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
 from searche1_jax.models import hf
 
-# Column titles of REFERENCE.md / the Search-R1 paper for the seven benchmarks; other names are shown as they are.
+# Column titles of docs/reference.md / the Search-R1 paper for the seven benchmarks; other names are shown as they are.
 BENCHMARK_TITLES = {
     "nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA", "2wikimultihopqa": "2Wiki",
     "musique": "MuSiQue", "bamboogle": "Bamboogle", "synthetic_world": "World",
@@ -75,7 +75,7 @@ def average_metrics(per_benchmark: Mapping[str, Mapping[str, Any]]) -> dict[str,
 
 
 def markdown_table(results: Mapping[str, Any], method: str = "policy") -> str:
-  """REFERENCE.md's layout: one row per method, EM per benchmark then the average; then a details table."""
+  """docs/reference.md's layout: one row per method, EM per benchmark then the average; then a details table."""
   names = list(results["benchmarks"])
   titles = [BENCHMARK_TITLES.get(n, n) for n in names]
   lines = ["| method | " + " | ".join(titles) + " | Avg. |", "|---" * (len(names) + 2) + "|"]
