@@ -11,7 +11,6 @@ that the expected plots and renders were produced.
 """
 import importlib.util
 import os
-import subprocess
 import sys
 import time
 
@@ -76,12 +75,9 @@ def test_committed_notebook_is_clean_and_opens_in_colab(name):
   # The first code cell installs the package when it runs in Colab.
   assert '"google.colab" in sys.modules' in code[0].source and "pip" in code[0].source
   assert "colab-badge" in nb.cells[0].source
-
-
-def test_notebooks_match_their_generator():
-  proc = subprocess.run([sys.executable, os.path.join(NB_DIR, "_make.py"), "--check"], capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
+  # One parameters cell (the tests inject overrides after it); every cell has an id (nbformat 4.5).
+  assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
+  assert len({c.get("id") for c in nb.cells}) == len(nb.cells)
 
 
 # --------------------------------------------------------------------------------------------- execution

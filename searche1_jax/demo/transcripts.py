@@ -30,7 +30,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from searche1_jax import rewards
 from searche1_jax.agent import protocol
+from searche1_jax.agent import trajectory as trajectory_lib
 from searche1_jax.demo.synthetic_world import Hop, QUESTION_TYPES, World
 from searche1_jax.retrieval import misses
 
@@ -350,3 +352,29 @@ def make_transcripts(world: World, questions: Sequence[Mapping[str, Any]],
                      rng: np.random.Generator, cfg, protocol_cfg=None) -> list[str]:
   """The transcript texts (see `make_transcript_records`)."""
   return [t.text for t in make_transcript_records(world, questions, rng, cfg, protocol_cfg)]
+
+
+def transcript_trajectory(record, question: Mapping[str, Any], tokenizer, template: str,
+                          sample_index: int = 0) -> trajectory_lib.Trajectory:
+  """The Trajectory a policy following `record` (one `make_transcript_records` entry) would produce: the prompt as
+  the rollout encodes it (`protocol.encode_prompt`), then each later segment encoded on its own, as the rollout
+  splices turns and observations (policy segments: mask 1). Its reward is the EM of its answer."""
+  prompt = protocol.encode_prompt(tokenizer, protocol.make_prompt(question["question"], template))
+  if tokenizer.decode(prompt, skip_special_tokens=False) != record.segments[0][0]:
+    raise ValueError(f"transcript_trajectory: question {question['id']!r}: the transcript's prompt text differs from "
+                     "the encoded prompt (another template or tokenizer?)")
+  ids, mask, policy_spans, obs_spans = list(prompt), [0] * len(prompt), [], []
+  for text, trainable in record.segments[1:]:
+    piece = tokenizer.encode(text, add_special_tokens=False)
+    (policy_spans if trainable else obs_spans).append((len(ids), len(ids) + len(piece)))
+    ids += piece
+    mask += [int(trainable)] * len(piece)
+  traj = trajectory_lib.Trajectory(
+      question_id=question["id"], question=question["question"], golden_answers=question["golden_answers"],
+      prompt_ids=prompt, ids=ids, policy_mask=mask, logprobs=np.zeros(len(ids), np.float32),
+      policy_spans=policy_spans, obs_spans=obs_spans, obs_kinds=[trajectory_lib.OBS_INFORMATION] * len(obs_spans),
+      turn_actions=["search"] * len(record.searches) + ["answer"], queries=list(record.searches),
+      num_searches=len(record.searches), answer=record.answer, stop_reason=trajectory_lib.STOP_ANSWER,
+      sample_index=sample_index, metadata={"scripted_kind": record.kind})
+  traj.reward = float(rewards.exact_match(record.answer, question["golden_answers"]))
+  return traj

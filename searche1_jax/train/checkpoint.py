@@ -11,10 +11,12 @@ crash or SIGKILL at any moment leaves the previous checkpoints intact; the last 
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -135,3 +137,21 @@ def load_policy(path: str, step: int | None = None, *, mesh=None, rules=None, ho
     raise ValueError(f"{directory}/{step}/state: saved params do not match meta['model_config'] "
                      f"(expected {want}, got {got})")
   return cfg, params, meta, step
+
+
+def load_run(workdir: str):
+  """(config, meta, Qwen2Config, params) of a demo / trainer workdir's newest checkpoint; None when the workdir has
+  no config.json or no complete checkpoint yet (the notebooks then fall back to an inline model).
+
+  config = WORKDIR/config.json (written by launch/train.py and launch/demo.py) as a ConfigDict; meta carries the
+  loop's cursor (`meta['cursor']`: round, phase, global_step).
+  """
+  config_path = os.path.join(workdir, "config.json")
+  directory = find_checkpoint_dir(workdir)
+  if not (os.path.isfile(config_path) and os.path.isdir(directory)
+          and any(d.isdigit() for d in os.listdir(directory))):
+    return None
+  cfg, params, meta, _ = load_policy(workdir)
+  with open(config_path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  return config, meta, cfg, params
