@@ -311,8 +311,9 @@ def test_on_policy_sd_fields(tok, groups):
   trajs = [t for qid in list(groups)[:2] for t in groups[qid]] + groups[list(groups)[4]]
   batch = trajectory_lib.to_batch(trajs, np.zeros(len(trajs)))
   block = ofsd_block(warmup_steps=5)
-  off = ofsd_phase.on_policy_sd_fields(trajs, batch, tok, block, step=4, agg="token-mean", template=TEMPLATE)
-  on = ofsd_phase.on_policy_sd_fields(trajs, batch, tok, block, step=5, agg="token-mean", template=TEMPLATE)
+  opts = ofsd_phase.OnPolicyOptions.from_config(block, TEMPLATE)
+  off = ofsd_phase.on_policy_sd_fields(trajs, batch, tok, opts, step=4, agg="token-mean")
+  on = ofsd_phase.on_policy_sd_fields(trajs, batch, tok, opts, step=5, agg="token-mean")
   assert not off["sd_weight"].any()
   students = [1, 2, 4, 5]  # rows; row 0 / 3 are references, rows 6-8 (Atlantis) have no correct sibling
   n_sd = sum(int(trajs[r].policy_mask.sum()) for r in students)

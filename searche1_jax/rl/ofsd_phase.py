@@ -665,9 +665,22 @@ def max_updates_per_phase(ofsd_block) -> int:
   return popts.epochs * max(1, math.ceil(pairs / popts.batch_size))
 
 
-def on_policy_sd_fields(trajectories: Sequence[Trajectory], batch: Mapping[str, np.ndarray], tokenizer, ofsd_block,
-                        *, step: int, agg: str, template: str = protocol.SEARCH_R1_TEMPLATE,
-                        pad_to: int | Sequence[int] | None = None,
+@dataclasses.dataclass(frozen=True)
+class OnPolicyOptions:
+  """What the on-policy variant needs from the `ofsd` block, parsed once (the trainer builds it at start-up)."""
+  phase: PhaseOptions
+  divergence: ofsd_loss.DivergenceOptions
+  context: privileged.ContextOptions
+
+  @classmethod
+  def from_config(cls, ofsd_block, template: str = protocol.SEARCH_R1_TEMPLATE) -> "OnPolicyOptions":
+    return cls(phase=PhaseOptions.from_config(ofsd_block),
+               divergence=ofsd_loss.DivergenceOptions.from_config(ofsd_block),
+               context=privileged.ContextOptions.from_config(ofsd_block, template))
+
+
+def on_policy_sd_fields(trajectories: Sequence[Trajectory], batch: Mapping[str, np.ndarray], tokenizer,
+                        opts: OnPolicyOptions, *, step: int, agg: str, pad_to: int | Sequence[int] | None = None,
                         check_prompt: bool = True) -> dict[str, np.ndarray]:
   """The SD fields of a GRPO batch (rows = `trajectories` in the order of trajectory.to_batch).
 
@@ -676,9 +689,7 @@ def on_policy_sd_fields(trajectories: Sequence[Trajectory], batch: Mapping[str, 
   tokens. sd_weight = ofsd_loss.sd_weights(...) on student rows once step >= ofsd.warmup_steps, else 0.
   Returns teacher_tokens, teacher_attention_mask [B, Tt], teacher_pos, distill_mask [B, T], sd_weight [B].
   """
-  popts = PhaseOptions.from_config(ofsd_block)
-  dopts = ofsd_loss.DivergenceOptions.from_config(ofsd_block)
-  copts = privileged.ContextOptions.from_config(ofsd_block, template)
+  popts, dopts, copts = opts.phase, opts.divergence, opts.context
   b, t_len = np.shape(batch["tokens"])
   if len(trajectories) != b:
     raise ValueError(f"on_policy_sd_fields: {len(trajectories)} trajectories for a batch of {b} rows")

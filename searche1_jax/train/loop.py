@@ -39,10 +39,11 @@ from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
 from searche1_jax.models import hf
 from searche1_jax.rl import grpo as grpo_math
-from searche1_jax.rl import grpo_loss
+from searche1_jax.rl import grpo_loss, ofsd_phase
 from searche1_jax.train import checkpoint as checkpoint_lib
 from searche1_jax.train import evaluation
 from searche1_jax.train import metrics as metrics_lib
+from searche1_jax.train import ofsd_runner
 from searche1_jax.train import optim, steps
 
 RESULTS_JSON = "results.json"
@@ -216,16 +217,18 @@ class Trainer:
     # At least 1: with grpo_steps_per_round = 0 (OFSD phases only) the GRPO schedule exists but is never stepped.
     total_updates = max(int(t.num_rounds) * int(t.grpo_steps_per_round) * self.updates_per_step, 1)
     self.grpo_tx = optim.make_optimizer(config.optim, total_updates)
+    # The on-policy OFSD variant replaces the GRPO loss with L_GRPO + alpha * L_SD (rl/ofsd_loss.py).
+    self.on_policy = ofsd_runner.on_policy_options(config)
+    loss_kw = {"loss_fn": ofsd_runner.on_policy_loss_fn(self.model_cfg, config)} if self.on_policy else {}
     self.grpo = steps.make_grpo_step(self.model_cfg, config.grpo, self.grpo_tx, self.mesh, rules=self.rules,
-                                     lr_schedule=optim.make_schedule(config.optim, total_updates),
-                                     **self._on_policy_kwargs())
+                                     lr_schedule=optim.make_schedule(config.optim, total_updates), **loss_kw)
     o = self.grpo.options
     # Zero-advantage rows add nothing to the loss or its gradient without a KL term: the learner skips them (the
     # denominator still counts them, so the update is the same; grpo_loss.learner_rows). Needs one mini-batch per
     # rollout batch (several would split a different set of rows), and one process (hosts would pick different
     # row counts).
     self.skip_zero_advantage = (bool(config.grpo.skip_zero_advantage_rows) and not o.uses_ref
-                                and not self._on_policy_kwargs() and jax.process_count() == 1
+                                and self.on_policy is None and jax.process_count() == 1
                                 and int(t.mini_batch_prompts) == int(t.prompts_per_step))
     self.batch_multiple = int(o.num_microbatches) * steps.batch_axes_size(self.mesh, self.rules)
     # 'precompute' reference mode: the frozen reference lives outside the train state (on the host if asked).
@@ -245,14 +248,6 @@ class Trainer:
     self.results = self._load_results()
 
   # --------------------------------------------------------------------------------------------- state
-
-  def _on_policy_kwargs(self) -> dict:
-    """The on-policy OFSD variant replaces the GRPO loss with L_GRPO + alpha * L_SD (see rl/ofsd_loss.py)."""
-    c = self.config.ofsd
-    if not (bool(c.enabled) and c.mode == "on_policy"):
-      return {}
-    from searche1_jax.train import ofsd_runner
-    return ofsd_runner.on_policy_step_kwargs(self.model_cfg, self.config)
 
   def _fresh_state(self):
     ref = self.init_params if self.grpo.options.uses_ref and self.grpo.options.ref_logprobs == "in_step" else None
@@ -395,10 +390,9 @@ class Trainer:
       if len(rows) < len(trajs):  # rebuilt from the kept rows: their own (often shorter) length bucket
         batch = trajectory_lib.to_batch([trajs[i] for i in rows], adv[rows], pad_id=self.pad_id)
         batch["denominator_extra"] = extra
-    if self._on_policy_kwargs():
-      from searche1_jax.train import ofsd_runner
-      batch.update(ofsd_runner.on_policy_batch(trajs, self.group_size, self.tokenizer, self.config,
-                                               self.cursor.global_step, batch=batch))
+    if self.on_policy is not None:
+      batch.update(ofsd_phase.on_policy_sd_fields(trajs, batch, self.tokenizer, self.on_policy,
+                                                  step=self.cursor.global_step, agg=self.grpo.options.agg))
     t0 = time.perf_counter()
     prepared = self.grpo.prepare_batch(self.state, batch, self.ref_params)
     n = len(rows)
@@ -451,7 +445,6 @@ class Trainer:
 
   def _ofsd_runner(self):
     if self._ofsd is None:
-      from searche1_jax.train import ofsd_runner
       self._ofsd = ofsd_runner.PhaseRunner(self.model_cfg, self.config, self.mesh, self.rules, self.tokenizer,
                                            pad_id=self.pad_id)
       self._ofsd.workdir = self.workdir  # ofsd.storage='disk' keeps targets under WORKDIR/ofsd/

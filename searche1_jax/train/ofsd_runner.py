@@ -146,14 +146,14 @@ class PhaseRunner:
 
 # ----------------------------------------------------------------------------------------------- on-policy
 
-def on_policy_step_kwargs(model_cfg, config) -> dict:
-  """make_grpo_step(..., loss_fn=L_GRPO + alpha * L_SD) for ofsd.mode == 'on_policy'."""
-  return {"loss_fn": ofsd_loss.grpo_sd_loss_fn(model_cfg, config.grpo, config.ofsd)}
+def on_policy_options(config) -> ofsd_phase.OnPolicyOptions | None:
+  """The parsed options of the on-policy variant (ofsd.enabled and ofsd.mode == 'on_policy'), else None."""
+  c = config.ofsd
+  if not (bool(c.enabled) and c.mode == "on_policy"):
+    return None
+  return ofsd_phase.OnPolicyOptions.from_config(c, config.protocol.template)
 
 
-def on_policy_batch(trajectories, group_size: int, tokenizer, config, global_step: int, *,
-                    batch: dict) -> dict[str, np.ndarray]:
-  """The SD fields added to a GRPO batch: teacher layouts for each group's students (best sibling shown)."""
-  del group_size
-  return ofsd_phase.on_policy_sd_fields(trajectories, batch, tokenizer, config.ofsd, step=global_step,
-                                        agg=config.grpo.agg, template=config.protocol.template)
+def on_policy_loss_fn(model_cfg, config):
+  """The learner loss of the on-policy variant, L_GRPO + alpha * L_SD (make_grpo_step's loss_fn)."""
+  return ofsd_loss.grpo_sd_loss_fn(model_cfg, config.grpo, config.ofsd)
