@@ -10,7 +10,7 @@ Baseline and model calls are interleaved, the baseline is timed over as many bac
 one forward, and the best of `--repeats` rounds is kept, so a shared machine affects both alike; the 1-minute load average is printed. `*_cpu_fraction` repeats the comparison with process CPU time
 instead of wall time (less sensitive to other jobs on the cores).
 
-  .venv/bin/python benchmarks/forward.py [--batch 8] [--seq 512] [--repeats 5]
+  .venv/bin/python -m benchmarks.forward [--batch 8] [--seq 512] [--repeats 5]
 
 Prints one JSON line.
 """
@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from searche1_jax.models import qwen2  # noqa: E402
+from searche1_jax.models import qwen2
 
 BENCH_CONFIG = qwen2.Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_layers=8,
                                  num_heads=8, num_kv_heads=4, tie_word_embeddings=True, rope_theta=10000.0)

@@ -1,6 +1,6 @@
 """ScaNN (automatic settings from configs/parts/retrieval.py) against the exact JAX index, side by side.
 
-  python benchmarks/retrieval.py            # prints one JSON line
+  python -m benchmarks.retrieval            # prints one JSON line
 
 (a) real text: MiniLM embeddings of the 47 hand-written fixture passages plus each of their sentences
     (281 texts), queried with the 47 fixture questions (exact_top1_from_gold_passage: the exact top-1 is
@@ -16,16 +16,14 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from configs.parts import retrieval as retrieval_config  # noqa: E402
-from searche1_jax.retrieval import ExactIndex, ScannIndex, iter_passages  # noqa: E402
-from searche1_jax.retrieval import index as index_lib  # noqa: E402
+from configs.parts import retrieval as retrieval_config
+from searche1_jax.retrieval import ExactIndex, ScannIndex, iter_passages
+from searche1_jax.retrieval import index as index_lib
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
                         "retrieval")

@@ -1,6 +1,6 @@
 """Wall time of a self-evolution round of the demo config, split by phase; prints one JSON line.
 
-  python benchmarks/round.py [--config configs/demo.py] [--workdir /tmp/round_bench] [--rounds 2] [--config.F=V ...]
+  python -m benchmarks.round [--config configs/demo.py] [--workdir /tmp/round_bench] [--rounds 2] [--config.F=V ...]
 
 Builds (or reuses) the demo's cached artifacts, then runs `--rounds` rounds of `searche1_jax.train.loop.run`
 (GRPO steps, the OFSD phase, the evaluation) from a fresh workdir and reads each round's `timings` from
@@ -18,10 +18,8 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OFSD_KEYS = ("ofsd_rollout", "ofsd_retrieval", "ofsd_targets", "ofsd_learner")
 DIAGNOSTIC_KEYS = ("ofsd_post_rollout", "ofsd_post_retrieval", "eval")

@@ -18,7 +18,7 @@ machine, and `max_ratio_at_floor` = floor / transformers bounds the ratio.
 Also measured: a two-turn session where 3/4 of the sequences finish after turn 1, with and without compaction
 of the live rows into a smaller batch bucket (`SamplerOptions.compact`).
 
-  .venv/bin/python benchmarks/sample.py [--batches 1,8,32,64] [--repeats 2]
+  .venv/bin/python -m benchmarks.sample [--batches 1,8,32,64] [--repeats 2]
 
 Prints one JSON line.
 """
@@ -31,19 +31,18 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a shared machine, spinning
 # threads make all-core torch up to 10x slower than 1 thread (measured here); this keeps the baseline fair.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import functools  # noqa: E402
+import functools
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from searche1_jax.models import qwen2  # noqa: E402
-from searche1_jax.sampling import SamplerOptions, Session, generate  # noqa: E402
+from searche1_jax.models import qwen2
+from searche1_jax.sampling import SamplerOptions, Session, generate
 
 BENCH_CONFIG = qwen2.Qwen2Config(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_layers=12,
                                  num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=True,

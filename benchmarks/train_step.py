@@ -14,7 +14,7 @@ Also reported: the same ratio per second of process CPU time (less sensitive to 
 Memory: the compiled step's memory_analysis (arguments + outputs - aliased + temporaries) and the process max RSS.
 
 Prints one JSON line. Run on an otherwise idle machine (the JSON records the load average before and after).
-  .venv/bin/python benchmarks/train_step.py [--steps 3] [--num_microbatches 1] [--remat none]
+  .venv/bin/python -m benchmarks.train_step [--steps 3] [--num_microbatches 1] [--remat none]
 """
 from __future__ import annotations
 
@@ -22,20 +22,18 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from configs.parts import grpo as grpo_part  # noqa: E402
-from configs.parts import optim as optim_part  # noqa: E402
-from searche1_jax import sharding as shd  # noqa: E402
-from searche1_jax.models import qwen2  # noqa: E402
-from searche1_jax.train import optim, steps  # noqa: E402
+from configs.parts import grpo as grpo_part
+from configs.parts import optim as optim_part
+from searche1_jax import sharding as shd
+from searche1_jax.models import qwen2
+from searche1_jax.train import optim, steps
 
 
 def matmul_peak(sizes=(1024, 2048, 3072), reps=5) -> dict:

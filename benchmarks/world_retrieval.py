@@ -1,6 +1,6 @@
 """How often the demo's retriever finds the passage each hop of the synthetic world's test questions needs.
 
-  python benchmarks/world_retrieval.py [--cache workdirs/demo_cache] [--miss_rate 0.0]    # one JSON line
+  python -m benchmarks.world_retrieval [--cache workdirs/demo_cache] [--miss_rate 0.0]    # one JSON line
 
 Needs a demo cache (world + MiniLM/ScaNN index; `make demo` builds it). For every hop of every test question
 (`World.plan`) it sends each wording the warm-start transcripts use (`transcripts.hop_wordings`: the canonical
@@ -10,13 +10,10 @@ This is why `retrieval.miss_rate` exists: with 0 misses an extra search almost n
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from configs.parts import retrieval as retrieval_config  # noqa: E402
-from searche1_jax.demo import synthetic_world, transcripts  # noqa: E402
-from searche1_jax.retrieval import make_retriever  # noqa: E402
+from configs.parts import retrieval as retrieval_config
+from searche1_jax.demo import synthetic_world, transcripts
+from searche1_jax.retrieval import make_retriever
 
 
 def main(argv=None) -> None:

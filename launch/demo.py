@@ -29,9 +29,7 @@ import sys
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `configs`
-
-from searche1_jax import fingerprint as fp_lib  # noqa: E402  (after the repo root is on sys.path)
+from searche1_jax import fingerprint as fp_lib
 
 STAMP = "demo_fingerprint.json"
 CATEGORIES = ("single_hop", "compositional", "comparison", "three_hop")

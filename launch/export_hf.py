@@ -17,10 +17,9 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 # Files of a transformers tokenizer (and generation defaults); model weights and config.json are never copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",

@@ -25,9 +25,6 @@ import collections
 import json
 import os
 import re
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 _TITLE = re.compile(r'\(Title: "?([^")\n]+?)"?\)')

@@ -7,13 +7,10 @@ default to configs/parts/retrieval.py (server block).
 """
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `configs`
-
-from configs.parts import retrieval as retrieval_config  # noqa: E402
-from searche1_jax.config_utils import ConfigError, apply_overrides  # noqa: E402
+from configs.parts import retrieval as retrieval_config
+from searche1_jax.config_utils import ConfigError, apply_overrides
 
 
 def main(argv=None) -> int:

@@ -22,14 +22,13 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `configs`
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
-from searche1_jax import config_utils  # noqa: E402
+from searche1_jax import config_utils
 
 CONFIG_FILE = "config.json"
 PREVIOUS_CONFIG_FILE = "config.prev.json"

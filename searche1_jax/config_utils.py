@@ -17,7 +17,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
@@ -110,11 +109,16 @@ def load_config(config_string: str) -> ml_collections.ConfigDict:
   path, arg = split_config_string(config_string)
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist (from {config_string!r})")
-  _ensure_repo_on_path(path)
   name = "config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except ModuleNotFoundError as e:
+    if (e.name or "").split(".")[0] != "configs":
+      raise
+    raise ConfigError(f"{path}: cannot import {e.name!r}: run from the repository root (`python -m launch.<tool>`, "
+                      "pytest, or a notebook opened in the checkout), where configs/ is importable") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: defines no get_config(arg) function")
   try:
@@ -124,18 +128,6 @@ def load_config(config_string: str) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config({arg!r}) returned {type(config).__name__}, not a ConfigDict")
   return config
-
-
-def _ensure_repo_on_path(config_path: str) -> None:
-  """Configs import `configs.common` / `configs.parts.*`: put the directory holding `configs/` on sys.path."""
-  d = os.path.dirname(os.path.abspath(config_path))
-  while d and d != os.path.dirname(d):
-    if os.path.basename(d) == "configs":
-      root = os.path.dirname(d)
-      if root not in sys.path:
-        sys.path.insert(0, root)
-      return
-    d = os.path.dirname(d)
 
 
 # ------------------------------------------------------------------------------------------------- overrides

@@ -307,3 +307,11 @@ def test_every_part_has_its_file_and_an_unknown_part_is_an_error():
     assert isinstance(block, ml_collections.ConfigDict) and len(block) > 0, name
   with pytest.raises(ModuleNotFoundError, match="no_such_part"):
     common.part("no_such_part")
+
+
+def test_config_outside_the_repository_root_names_the_fix(tmp_path):
+  """Loaded from another directory, a config's `from configs import ...` fails with the way to run it."""
+  code = ("from searche1_jax import config_utils\n"
+          f"config_utils.load_config({os.path.join(ROOT, 'configs', 'demo.py')!r})")
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "run from the repository root" in r.stderr and "configs" in r.stderr, r.stderr

@@ -171,5 +171,4 @@ def test_two_processes_agree_over_loopback(tmp_path):
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
-  sys.path.insert(0, ROOT)
   _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -38,3 +38,12 @@ def test_the_citation_pattern_sees_a_path():
   assert CITED.findall("see `searche1_jax/rl/grpo.py` and docs/reference.md.") == ["searche1_jax/rl/grpo.py",
                                                                                   "docs/reference.md"]
   assert OUTSIDE.search("(REFERENCE.md)") and not OUTSIDE.search("docs/reference.md")
+
+
+def test_no_sys_path_edits():
+  """Tools run from the repository root (`python -m launch.train`, `python -m benchmarks.round`, pytest, notebooks
+  opened in the checkout): no module rewrites sys.path to find configs/ or the package."""
+  edits = re.compile(r"sys\.path\.(insert|append)\(")
+  hits = [f"{p.relative_to(ROOT)}:{n}" for p in sources() if p.name != "test_docs.py" and "tests" not in p.parts
+          for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if edits.search(line)]
+  assert not hits, "\n".join(hits)

@@ -122,7 +122,7 @@ def test_command_line_stop_and_resume(setup, tmp_path, capsys):
   assert e.value.code == 2 and "unknown config field 'scann.nope'" in capsys.readouterr().err
 
 
-def test_scripts_run_from_repo_root_as_files():
-  for script in ("launch/build_index.py", "launch/serve_retriever.py"):
-    r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_scripts_run_from_repo_root_as_modules():
+  for module in ("launch.build_index", "launch.serve_retriever"):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--index" in r.stdout, r.stderr
