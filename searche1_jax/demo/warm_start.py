@@ -256,7 +256,6 @@ def train(examples, model_cfg, block, *, log: Callable[[int, dict], None] | None
   pad_id = int(block.pad_id)
   batches: list = []
   metrics: dict = {}
-  nll_sum = tok_sum = 0.0
   for i in range(int(block.steps)):
     if not batches:
       batches = make_batches(examples, int(block.batch_size), int(block.pad_multiple), pad_id, rng)
