@@ -283,6 +283,12 @@ def test_batch_order_is_deterministic_and_resumable(buffer):
   for epoch in range(3):
     order = ofsd_phase.epoch_order(buffer.num_pairs, epoch, 11)
     assert sorted(order.tolist()) == list(range(buffer.num_pairs))  # every pair once per epoch
+  # The trainer's update index (PhaseRunner.step): epoch = index // batches, then that slice of the epoch's order.
+  epoch, got = ofsd_phase.phase_batch(buffer, 3 + 2, 3, seed=11)
+  want = ofsd_phase.make_batch(buffer, ofsd_phase.epoch_order(buffer.num_pairs, 1, 11)[6:9], 3)
+  assert epoch == 1 and got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_phase_metrics_by_hand(buffer, tok, groups):

@@ -556,15 +556,23 @@ def epoch_order(num_pairs: int, epoch: int, seed: int) -> np.ndarray:
   return np.random.default_rng([int(seed), int(epoch)]).permutation(num_pairs)
 
 
+def phase_batch(buffer: OfsdBuffer, index: int, batch_size: int, seed: int, *,
+                pad_to: int | Sequence[int] | None = None) -> tuple[int, dict[str, np.ndarray]]:
+  """(epoch, batch) of update `index` of a phase: epoch = index // num_batches, then that batch of the epoch's
+  order (the last one padded, see make_batch). A pure function of its arguments: a resumed phase continues from
+  the saved update index with the very same batches."""
+  nb = num_batches(buffer, batch_size)
+  epoch, b = divmod(index, nb)
+  order = epoch_order(buffer.num_pairs, epoch, seed)
+  return epoch, make_batch(buffer, order[b * batch_size:(b + 1) * batch_size], batch_size, pad_to)
+
+
 def iterate_batches(buffer: OfsdBuffer, epoch: int, batch_size: int, seed: int, *, start: int = 0,
                     pad_to: int | Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """The epoch's batches of `batch_size` rows (the last one padded, see make_batch), from batch `start` on.
-
-  Deterministic per (seed, epoch): a resumed run passes the saved batch index as `start` and replays the rest.
-  """
-  order = epoch_order(buffer.num_pairs, epoch, seed)
-  for b in range(start, num_batches(buffer, batch_size)):
-    yield make_batch(buffer, order[b * batch_size:(b + 1) * batch_size], batch_size, pad_to)
+  """The epoch's batches (`phase_batch` for its updates), from batch `start` on."""
+  nb = num_batches(buffer, batch_size)
+  for b in range(start, nb):
+    yield phase_batch(buffer, epoch * nb + b, batch_size, seed, pad_to=pad_to)[1]
 
 
 def make_eval_fn(loss_fn) -> Callable:

@@ -120,11 +120,7 @@ class PhaseRunner:
 
   def step(self, state, carry: PhaseCarry, index: int, *, seed: int):
     """Update `index` of the phase (epoch index // batches, batch index % batches) on state.params."""
-    nb = ofsd_phase.num_batches(carry.buffer, self.batch_size)
-    epoch, b = divmod(index, nb)
-    order = ofsd_phase.epoch_order(carry.buffer.num_pairs, epoch, seed)
-    batch = ofsd_phase.make_batch(carry.buffer, order[b * self.batch_size:(b + 1) * self.batch_size],
-                                  self.batch_size)
+    epoch, batch = ofsd_phase.phase_batch(carry.buffer, index, self.batch_size, seed)
     student = steps.TrainState(params=state.params, opt_state=carry.opt_state, step=carry.step,
                                ref_params=carry.teacher)
     student, metrics = self.train(student, self.train.shard_batch(batch))
