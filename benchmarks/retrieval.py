@@ -18,10 +18,10 @@ import os
 import re
 import time
 
-
 import numpy as np
 
 from configs.parts import retrieval as retrieval_config
+from searche1_jax.retrieval import Encoder
 from searche1_jax.retrieval import ExactIndex, ScannIndex, iter_passages
 from searche1_jax.retrieval import index as index_lib
 
@@ -87,8 +87,6 @@ def compare(db: np.ndarray, queries: np.ndarray, k: int, batch: int, scann_block
 
 
 def real_text(cfg, k: int):
-  from searche1_jax.retrieval import Encoder
-
   passages = list(iter_passages(os.path.join(FIXTURES, "wiki_passages.jsonl")))
   with open(os.path.join(FIXTURES, "questions.jsonl")) as f:
     questions = [json.loads(l) for l in f]

@@ -20,6 +20,10 @@ import os
 import shutil
 import time
 
+from launch import demo
+from searche1_jax import config_utils
+from searche1_jax.train import loop
+
 
 OFSD_KEYS = ("ofsd_rollout", "ofsd_retrieval", "ofsd_targets", "ofsd_learner")
 DIAGNOSTIC_KEYS = ("ofsd_post_rollout", "ofsd_post_retrieval", "eval")
@@ -46,10 +50,6 @@ def main() -> None:
   p.add_argument("--workdir", default="/tmp/searche1_round_bench")
   p.add_argument("--rounds", type=int, default=2)
   args, overrides = p.parse_known_args()  # the rest: --config.<field>=<value>, as for launch/train.py
-
-  from launch import demo
-  from searche1_jax import config_utils
-  from searche1_jax.train import loop
 
   config = config_utils.load_config(args.config)
   bad = [o for o in overrides if not o.startswith("--config.")]

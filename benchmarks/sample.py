@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from searche1_jax.models import save_hf
+
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a shared machine, spinning
 # threads make all-core torch up to 10x slower than 1 thread (measured here); this keeps the baseline fair.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -76,9 +78,8 @@ def dense_floor(params, cfg, x, *, steps):
 
 
 def torch_model(params, cfg):
-  import torch
+  import torch  # deferred: torch is the baseline only, a test extra
   from transformers import Qwen2ForCausalLM
-  from searche1_jax.models import save_hf
   with tempfile.TemporaryDirectory() as d:
     save_hf(params, cfg, d)
     model = Qwen2ForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
@@ -112,7 +113,7 @@ def main(argv=None):
                  help="torch thread counts to time; the fastest is the baseline (cpu_count = all cores)")
   args = p.parse_args(argv)
 
-  import torch
+  import torch  # deferred: torch is the baseline only, a test extra
   cfg = BENCH_CONFIG
   params = jax.jit(qwen2.init_params, static_argnums=0)(cfg, jax.random.key(0))
   model = torch_model(params, cfg)

@@ -11,6 +11,8 @@ import sys
 
 from configs.parts import retrieval as retrieval_config
 from searche1_jax.config_utils import ConfigError, apply_overrides
+from searche1_jax.retrieval.build import build_index
+from searche1_jax.retrieval.encoder import Encoder
 
 
 def main(argv=None) -> int:
@@ -46,9 +48,6 @@ def main(argv=None) -> int:
     apply_overrides(cfg, args.overrides)
   except ConfigError as e:
     ap.error(f"--set: {e}")
-
-  from searche1_jax.retrieval.build import build_index
-  from searche1_jax.retrieval.encoder import Encoder
 
   encoder = Encoder.from_config(args.encoder, cfg.encoding)
   logging.info("encoder %s (dim %d, %d device(s)), prefixes query=%r passage=%r", encoder.model_dir, encoder.dim,

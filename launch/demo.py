@@ -29,7 +29,28 @@ import sys
 import time
 from typing import Any, Callable
 
+from absl import app
+from absl import flags
+import jax
+import matplotlib
+from ml_collections import config_flags
+import numpy as np
+
+from launch import report as report_lib
+from launch import train as train_launch
+from searche1_jax import config_utils
 from searche1_jax import fingerprint as fp_lib
+from searche1_jax import rewards
+from searche1_jax.agent import trajectory as trajectory_lib
+from searche1_jax.data import qa
+from searche1_jax.demo import synthetic_world as sw
+from searche1_jax.demo import tokenizer as tokenizer_lib
+from searche1_jax.demo import transcripts
+from searche1_jax.demo import warm_start
+from searche1_jax.retrieval.build import build_index
+from searche1_jax.retrieval.encoder import Encoder
+from searche1_jax.rl import privileged
+from searche1_jax.train import loop
 
 STAMP = "demo_fingerprint.json"
 CATEGORIES = ("single_hop", "compositional", "comparison", "three_hop")
@@ -82,14 +103,11 @@ class Log:
 # ------------------------------------------------------------------------------------------------ stages
 
 def world_fingerprint(config) -> str:
-  from searche1_jax.demo import synthetic_world as sw
   return fingerprint("world", {f: config.world[f] for f in sw._CFG_FIELDS})
 
 
 def stage_world(config, log: Log):
   """Writes (or reuses) the synthetic world and its TFDS build; returns the loaded World."""
-  from searche1_jax.data import qa
-  from searche1_jax.demo import synthetic_world as sw
   t = time.perf_counter()
   d = config.demo
   cached = cached_stage(d.world_dir, world_fingerprint(config), lambda out: sw.write_world(out, config.world))
@@ -108,10 +126,7 @@ def tokenizer_fingerprint(config) -> str:
 
 def stage_tokenizer(config, world, log: Log) -> None:
   """Trains (or reuses) the demo BPE tokenizer on the passages, prompts and transcripts of training questions."""
-  import numpy as np
 
-  from searche1_jax.demo import tokenizer as tokenizer_lib
-  from searche1_jax.demo import transcripts
   t = time.perf_counter()
 
   def build(out: str) -> None:
@@ -121,7 +136,7 @@ def stage_tokenizer(config, world, log: Log) -> None:
     tokenizer_lib.build_demo_tokenizer(world, texts, out, config.world.tokenizer)
 
   cached = cached_stage(config.demo.tokenizer_dir, tokenizer_fingerprint(config), build)
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # deferred: importing transformers takes ~4 s
   n = len(AutoTokenizer.from_pretrained(config.demo.tokenizer_dir))
   log(f"tokenizer {'reused' if cached else 'trained'}: {config.demo.tokenizer_dir} ({n} tokens) "
       f"[{time.perf_counter() - t:.1f}s]")
@@ -135,9 +150,6 @@ def index_fingerprint(config) -> str:
 
 def stage_index(config, log: Log) -> None:
   """Encodes the corpus with the real MiniLM encoder and builds the ScaNN (or exact) index (or reuses it)."""
-  from searche1_jax.demo import synthetic_world as sw
-  from searche1_jax.retrieval.build import build_index
-  from searche1_jax.retrieval.encoder import Encoder
   t = time.perf_counter()
   d = config.demo
 
@@ -153,8 +165,6 @@ def stage_index(config, log: Log) -> None:
 
 def stage_warm_start(config, world, log: Log) -> dict:
   """Warm-starts the policy (or reuses a warm start with the same fingerprint)."""
-  from searche1_jax.rl import privileged
-  from searche1_jax.demo import warm_start
   t = time.perf_counter()
   hint_context = privileged.ContextOptions.from_config(config.ofsd, config.protocol.template)
   info = warm_start.run(config.warm_start, config.model, world, config.demo.world_dir, config.demo.tokenizer_dir,
@@ -172,7 +182,6 @@ def enable_compilation_cache(config) -> str:
   JAX reads the setting when it first compiles). Returns the directory, "" when off."""
   d = config.demo.compilation_cache_dir
   if d:
-    import jax
     os.makedirs(d, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", d)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # only programs worth a file
@@ -181,7 +190,6 @@ def enable_compilation_cache(config) -> str:
 
 def stage_train(config, workdir: str, log: Log) -> dict:
   """The round loop (evaluation at start, GRPO + OFSD rounds, evaluation after each)."""
-  from searche1_jax.train import loop
   t = time.perf_counter()
   results = loop.run(config, workdir)
   log(f"training done: {len(results.get('rounds', []))} evaluations [{time.perf_counter() - t:.1f}s]")
@@ -202,8 +210,6 @@ def by_type(workdir: str, entry: dict, world) -> dict[str, dict[str, float]]:
   trajectories.jsonl with each question's type from the world."""
   if entry.get("by_type"):
     return entry["by_type"]
-  from searche1_jax import rewards
-  from searche1_jax.agent import trajectory as trajectory_lib
   path = os.path.join(_eval_dir(workdir, entry), "trajectories.jsonl")
   if not os.path.exists(path):
     return {}
@@ -298,9 +304,7 @@ def em_series(rows: list[dict]) -> dict[str, list[float | None]]:
 
 def plot_em_by_type(rows: list[dict], path: str) -> str:
   """report/em_by_type.png: held-out EM per question type, multi-hop and average, per evaluation. Returns path."""
-  import matplotlib
   matplotlib.use("Agg")
-  from launch import report as report_lib
   labels = ["warm start" if r["phase"] == "init" else f"r{r['round']} {r['phase']}" for r in rows]
   report_lib.plot_em_lines("held-out EM per question type", labels, em_series(rows), path,
                            styles={"multi-hop": dict(marker="o", ls="--", lw=2.0, color="dimgray"),
@@ -322,7 +326,6 @@ def run_demo(config, workdir: str, *, out=None) -> dict:
   ws = stage_warm_start(config, world, log)
   results = stage_train(config, workdir, log)
 
-  from launch import report as report_lib
   rep = report_lib.make_report(workdir)
   rows = round_rows(workdir, results, world)
   table = format_table(rows)
@@ -350,8 +353,6 @@ def run_demo(config, workdir: str, *, out=None) -> dict:
 
 def define_flags() -> None:
   """Defined only when run as a program (importing this module defines no global flags)."""
-  from absl import flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Demo config: configs/demo.py[:smoke][,cache=DIR].",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: config.json, results.json, metrics.jsonl, tensorboard/, "
@@ -361,10 +362,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-  from absl import flags
 
-  from launch import train as train_launch  # prepare(): validation and the workdir's config.json check
-  from searche1_jax import config_utils
 
   if len(argv) > 1:
     raise SystemExit(f"launch/demo.py: unexpected arguments {argv[1:]}")
@@ -381,8 +379,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  from launch import train as _train_launch
   define_flags()
-  app.run(main, flags_parser=_train_launch.parse_flags)
+  app.run(main, flags_parser=train_launch.parse_flags)

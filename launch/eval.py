@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from searche1_jax.train import evaluation
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:args]).",
                                           lock_config=False)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Policy to evaluate: an HF checkpoint directory (config.json "
@@ -32,7 +34,6 @@ def main(argv):
     raise app.UsageError("--config is required (e.g. --config configs/eval_tiny.py:root=DIR)")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  from searche1_jax.train import evaluation
   results = evaluation.evaluate_from_config(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value,
                                             limit=_LIMIT.value, progress=_PROGRESS.value)
   print(results["markdown"])

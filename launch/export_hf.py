@@ -17,9 +17,11 @@ import os
 import shutil
 import sys
 
-
 from absl import app
 from absl import flags
+
+from searche1_jax.models import hf
+from searche1_jax.train import checkpoint
 
 # Files of a transformers tokenizer (and generation defaults); model weights and config.json are never copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -89,8 +91,6 @@ def copy_tokenizer(src: str, out: str) -> list[str]:
 
 def restore_params(workdir: str, step: int | None = None):
   """(step, meta, cfg, params as host numpy) of a checkpoint; only the params of the saved state are read."""
-  from searche1_jax.train import checkpoint
-
   try:
     cfg, params, meta, step = checkpoint.load_policy(workdir, step, host=True)
   except (FileNotFoundError, ValueError) as e:
@@ -101,8 +101,6 @@ def restore_params(workdir: str, step: int | None = None):
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
            tokenizer_dir: str | None = None) -> dict:
   """Write OUT as an HF model directory; returns the export record (also written to OUT/searche1_export.json)."""
-  from searche1_jax.models import hf
-
   step, meta, cfg, params = restore_params(workdir, step)
   tok_dir = resolve_tokenizer_dir(workdir, meta, tokenizer_dir)
   os.makedirs(out, exist_ok=True)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from configs.parts import world as world_part
 from searche1_jax.data import qa
+from searche1_jax.demo import synthetic_world
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,9 +49,6 @@ def main(argv=None) -> int:
     return 2
   world_dir = args.world_dir or f"{args.raw_dir.rstrip('/')}/{qa.WORLD_NAME}"
   if args.generate_world:
-    from configs.parts import world as world_part
-    from searche1_jax.demo import synthetic_world
-
     cfg = world_part.get()
     if args.world_seed is not None:
       cfg.seed = args.world_seed

@@ -23,6 +23,8 @@ import os
 import sys
 from typing import Any
 
+import matplotlib
+
 # Per plot: metrics.jsonl keys tried in order, per phase (the first one a phase logs is drawn).
 SERIES: dict[str, tuple[str, ...]] = {
     "reward": ("reward", "reward_mean", "rewards/mean", "em"),
@@ -153,7 +155,7 @@ def step_series(rows: list[dict], keys: tuple[str, ...]) -> dict[str, tuple[str,
 
 
 def _new_figure(title: str):
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # deferred: importing pyplot picks a backend; make_report chose Agg
   fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
   ax.set_title(title)
   ax.grid(alpha=0.3)
@@ -161,7 +163,7 @@ def _new_figure(title: str):
 
 
 def _save(fig, path: str) -> None:
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # deferred: importing pyplot picks a backend; make_report chose Agg
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -247,7 +249,6 @@ def plot_timings(rounds: list[dict], path: str) -> str | None:
 
 def make_report(workdir: str, out: str | None = None) -> dict:
   """Write OUT/report.md and OUT/report/*.png. Returns {'plots': [paths], 'notes': [...], 'markdown': path}."""
-  import matplotlib
   matplotlib.use("Agg")
   out = out or workdir
   plot_dir = os.path.join(out, "report")

@@ -26,6 +26,10 @@ import json
 import os
 import re
 
+from searche1_jax.agent import trajectory as trajectory_lib
+from searche1_jax.demo import synthetic_world
+from searche1_jax.demo import transcripts
+
 
 _TITLE = re.compile(r'\(Title: "?([^")\n]+?)"?\)')
 
@@ -47,8 +51,6 @@ def _group(rows: list[dict]) -> dict:
 def search_stats(trajectories: list[dict], hops: dict[str, int], plans: dict[str, set[str]]) -> dict:
   """The statistics above for one evaluation. trajectories: rows of trajectories.jsonl; hops: question id ->
   searches the question needs; plans: question id -> the titles of the passages its plan reads."""
-  from searche1_jax.agent import trajectory as trajectory_lib
-  from searche1_jax.demo import transcripts
   by = collections.defaultdict(list)
   for t in trajectories:
     d = t["num_searches"] - hops[t["question_id"]]
@@ -75,7 +77,6 @@ def main(argv=None) -> None:
   p.add_argument("--eval", nargs="*", default=None, help="evaluation names (default: all found)")
   args = p.parse_args(argv)
 
-  from searche1_jax.demo import synthetic_world
   world_dir = args.world_dir
   if world_dir is None:
     path = os.path.join(args.workdirs[0], "config.json")

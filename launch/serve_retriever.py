@@ -11,6 +11,8 @@ import sys
 
 from configs.parts import retrieval as retrieval_config
 from searche1_jax.config_utils import ConfigError, apply_overrides
+from searche1_jax.retrieval.retriever import load_index_retriever
+from searche1_jax.retrieval.server import RetrievalServer, ServerLimits
 
 
 def main(argv=None) -> int:
@@ -40,9 +42,6 @@ def main(argv=None) -> int:
     apply_overrides(cfg, args.overrides)
   except ConfigError as e:
     ap.error(f"--set: {e}")
-
-  from searche1_jax.retrieval.retriever import load_index_retriever
-  from searche1_jax.retrieval.server import RetrievalServer, ServerLimits
 
   retriever = load_index_retriever(cfg)
   server = RetrievalServer(retriever, s.host, s.port, ServerLimits.from_config(s))

@@ -22,13 +22,16 @@ import json
 import os
 import sys
 
-
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
+import jax
 from ml_collections import config_flags
 
 from searche1_jax import config_utils
+from searche1_jax import distributed as distributed_lib
+from searche1_jax.train import loop
 
 CONFIG_FILE = "config.json"
 PREVIOUS_CONFIG_FILE = "config.prev.json"
@@ -61,7 +64,6 @@ def sync_config_file(workdir: str, config, *, allow_change: bool = False, write:
   each field with its saved and current value, unless allow_change (then the old file becomes config.prev.json).
   write=False (processes other than 0) only checks.
   """
-  from etils import epath
   wd = epath.Path(workdir)
   path = wd / CONFIG_FILE
   current = config_utils.to_json_dict(config)
@@ -97,9 +99,7 @@ def prepare(config, workdir: str, *, distributed: bool | None = None, allow_conf
   """Steps 2-4 of the module docstring. Returns the config (validated)."""
   config_utils.check_workdir(workdir)
   config_utils.validate_config(config)
-  from searche1_jax import distributed as distributed_lib
   distributed_lib.maybe_initialize(config, force=distributed)
-  import jax
   config_utils.validate_config(config, num_devices=jax.device_count())
   status = sync_config_file(workdir, config, allow_change=allow_config_change, write=jax.process_index() == 0)
   logging.info("workdir %s (%s config); process %d of %d, %d devices", workdir, status, jax.process_index(),
@@ -137,7 +137,6 @@ def main(argv):
   if _VALIDATE_ONLY.value:
     print(f"config OK; {os.path.join(_WORKDIR.value, CONFIG_FILE)} written/checked")
     return
-  from searche1_jax.train import loop  # imported late: the round loop pulls in the whole stack
   loop.run(config, _WORKDIR.value)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 
 from searche1_jax import distributed, sharding
+from searche1_jax.data import qa
 from searche1_jax.models import hf, qwen2
 from searche1_jax.retrieval import retriever
 from searche1_jax.rl import grpo, grpo_loss, ofsd, ofsd_phase, pairs, privileged
@@ -484,10 +485,6 @@ def _check_retrieval(c: _Checker) -> None:
 
 def _check_data(c: _Checker) -> None:
   if not c.has("data"):
-    return
-  try:
-    from searche1_jax.data import qa
-  except ImportError:  # the data package is optional for configs that do not read QA data
     return
   c.one_of("data.train_dataset", qa.DATASETS)
   for i, name in enumerate(c.get("data.eval_datasets") or ()):

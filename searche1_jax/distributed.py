@@ -14,8 +14,9 @@ import os
 from typing import Any, Sequence
 
 import jax
-import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+import numpy as np
 
 from searche1_jax import sharding as sharding_lib
 
@@ -155,5 +156,4 @@ def global_batch(local_arrays, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES):
 
 def process_allgather(tree):
   """Every process gets the full value of each (possibly non-addressable) global array, as numpy."""
-  from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)

@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from searche1_jax import rewards
+from searche1_jax import sampling
 from searche1_jax.agent import actions
 from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory as trajectory_lib
@@ -69,7 +70,6 @@ def sampler_session_factory(params, model_cfg, *, temperature: float, top_p: flo
   Each session made gets seed, seed + 1, ... so successive rollout batches sample independently.
   options: a `configs/parts/sampling.py` block (engine buckets / chunking) or None for the sampler's defaults.
   """
-  from searche1_jax import sampling
   calls = [0]
 
   def make(prompts: list[list[int]], max_len: int) -> DecodeSession:

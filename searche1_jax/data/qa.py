@@ -28,6 +28,7 @@ import re
 import shutil
 from typing import Any, Iterator, Mapping, Sequence
 
+from etils import epath
 import numpy as np
 
 from searche1_jax import fingerprint as fp_lib
@@ -261,7 +262,7 @@ def read_jsonl(path: str, data_source: str) -> Iterator[dict]:
 
 def read_parquet(path: str, data_source: str) -> Iterator[dict]:
   """Yields feature dicts of the rows of a Search-R1 parquet file whose data_source matches."""
-  import pyarrow.parquet as pq  # a tensorflow-datasets dependency
+  import pyarrow.parquet as pq  # deferred: comes with tensorflow-datasets; only parquet input needs it
 
   try:
     table = pq.read_table(path)
@@ -296,8 +297,7 @@ def _builder_cls():
   global _BUILDER_CLS
   if _BUILDER_CLS is not None:
     return _BUILDER_CLS
-  import tensorflow_datasets as tfds
-  from etils import epath
+  import tensorflow_datasets as tfds  # deferred: importing TFDS (TensorFlow) takes seconds
   from tensorflow_datasets.core import utils as tfds_utils
 
   class Searche1Qa(tfds.core.GeneratorBasedBuilder):
@@ -422,7 +422,7 @@ def load_split(name: str, split: str, data_dir: str | None, tfds_dir: str,
   `tfds_dir`; with `data_dir`, builds it first if absent or stale. `limit` (> 0) keeps the
   first `limit` examples; None or 0 keeps all.
   """
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # deferred: importing TFDS (TensorFlow) takes seconds
 
   _check_name(name)
   if split not in SPLITS[name]:
@@ -452,7 +452,7 @@ def load_split(name: str, split: str, data_dir: str | None, tfds_dir: str,
 
 def split_sizes(name: str, tfds_dir: str) -> dict[str, int]:
   """Examples per split of a TFDS build (read from its dataset_info)."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # deferred: importing TFDS (TensorFlow) takes seconds
 
   info = tfds.builder_from_directory(build_dir(name, tfds_dir)).info
   return {s: int(info.splits[s].num_examples) for s in info.splits}

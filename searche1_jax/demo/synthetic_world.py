@@ -25,6 +25,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from searche1_jax.data import qa
+
 # --------------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------------
@@ -685,7 +687,6 @@ def write_world(out_dir: str, cfg, tfds_dir: str | None = None) -> World:
     json.dump(world.to_json(), f, ensure_ascii=False, indent=1)
   os.replace(tmp, os.path.join(out_dir, WORLD_FILE))
   if tfds_dir is not None:
-    from searche1_jax.data import qa  # TFDS is imported only when asked for
     qa.build("synthetic_world", data_dir=out_dir, tfds_dir=tfds_dir, overwrite=True)
   return world
 

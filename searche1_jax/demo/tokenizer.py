@@ -27,6 +27,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, cfg):
   cfg: the `tokenizer` sub-block of `configs/parts/world.py` (vocab_size, min_frequency,
   eos_token, pad_token, model_max_length).
   """
+  # deferred: importing transformers takes ~4 s; only building the tokenizer needs these
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 

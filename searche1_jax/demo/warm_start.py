@@ -24,13 +24,24 @@ import logging
 import os
 import shutil
 import time
+import types
 from typing import Callable, Sequence
 
+import jax
+import ml_collections
 import numpy as np
 
 from searche1_jax import fingerprint as fp_lib
+from searche1_jax import sharding as shd
 from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory
+from searche1_jax.demo import synthetic_world as sw
+from searche1_jax.demo import transcripts as transcripts_lib
+from searche1_jax.models import hf
+from searche1_jax.models import qwen2
+from searche1_jax.rl import logprobs
+from searche1_jax.rl import privileged
+from searche1_jax.train import optim, steps
 
 FINGERPRINT_FILE = "warm_start.json"
 FORMAT_VERSION = 1
@@ -108,7 +119,6 @@ def make_batches(examples: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: 
 def model_config(model_block, vocab_size: int):
   """The policy's `Qwen2Config`: the `model` block (a preset plus shape overrides, configs/parts/model.py) with
   vocab_size = the tokenizer's size when the block leaves it unset (None)."""
-  from searche1_jax.models import qwen2
   block = model_block.copy_and_resolve_references() if hasattr(model_block, "copy_and_resolve_references") else \
       dict(model_block)
   if block["vocab_size"] is None:
@@ -123,7 +133,6 @@ def model_config(model_block, vocab_size: int):
 def fingerprint(block, model_block, transcripts_cfg, protocol_cfg, tokenizer_dir: str, world_dir: str,
                 hint_context=None) -> str:
   """Hash of everything the warm-start result depends on (the `out_dir` field excluded)."""
-  from searche1_jax.demo import synthetic_world as sw
   ws = fp_lib.plain(block)
   ws.pop("out_dir", None)
   files = {}
@@ -176,12 +185,6 @@ def hint_examples(world, questions, tokenizer, rng, transcripts_cfg, protocol_cf
   """Hinted transcripts: for each question, an efficient scripted transcript whose prompt is the OFSD teacher's
   prompt (`rl.privileged.teacher_prompt_ids`) showing that same transcript's searches (and answer, per
   `hint_context.context_answer`). Returns a list of (prompt_ids, Transcript)."""
-  import types
-
-  import ml_collections
-
-  from searche1_jax.demo import transcripts as transcripts_lib
-  from searche1_jax.rl import privileged
   if hint_context.context_format != "actions" or hint_context.context_siblings != "reference":
     raise ValueError("warm_start.hint_fraction > 0 shows scripted transcripts as the OFSD teacher would: it needs "
                      "ofsd.context_format='actions' and ofsd.context_siblings='reference' (got "
@@ -206,7 +209,6 @@ def build_examples(world, tokenizer, block, transcripts_cfg, protocol_cfg,
   questions also gets a hinted example (`hint_examples`, kind 'hinted'): the stand-in for a pretrained model's
   ability to follow a worked solution shown in its context, which OFSD's teacher relies on.
   """
-  from searche1_jax.demo import transcripts as transcripts_lib
   questions = list(world.train_questions)
   if block.num_questions:
     questions = questions[:int(block.num_questions)]
@@ -236,13 +238,6 @@ def build_examples(world, tokenizer, block, transcripts_cfg, protocol_cfg,
 
 def train(examples, model_cfg, block, *, log: Callable[[int, dict], None] | None = None):
   """LM training of a fresh policy on `examples` for block.steps steps; returns (params, last metrics)."""
-  import jax
-
-  from searche1_jax import sharding as shd
-  from searche1_jax.models import qwen2
-  from searche1_jax.rl import logprobs
-  from searche1_jax.train import optim, steps
-
   mesh = shd.make_mesh(1, 1, 1)
   total = max(int(block.steps), 1)
   tx = optim.make_optimizer(block.optim, total)
@@ -284,9 +279,7 @@ def run(block, model_block, world, world_dir: str, tokenizer_dir: str, transcrip
   Returns:
     The `warm_start.json` contents plus 'status': 'cached' or 'trained'.
   """
-  from transformers import AutoTokenizer
-
-  from searche1_jax.models import hf
+  from transformers import AutoTokenizer  # deferred: importing transformers takes ~4 s
 
   check_block(block)
   out_dir = str(block.out_dir)

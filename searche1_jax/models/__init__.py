@@ -3,10 +3,5 @@ from searche1_jax.models.qwen2 import (
     CACHE_K_AXES, CACHE_V_AXES, PRESETS, KVCache, Qwen2Config, forward, forward_with_cache, head_kernel,
     hidden_states, init_cache, init_params, logits_from_hidden, param_logical_axes, preset)
 
-
-def __getattr__(name):
-  # Imported lazily: hf.py pulls in safetensors/json I/O.
-  if name in ("load_hf", "save_hf", "config_from_hf", "config_to_hf", "model_from_config", "HFCheckpointError"):
-    from searche1_jax.models import hf
-    return getattr(hf, name)
-  raise AttributeError(name)
+from searche1_jax.models.hf import (
+    HFCheckpointError, config_from_hf, config_to_hf, load_hf, model_from_config, save_hf)

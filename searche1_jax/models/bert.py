@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
@@ -237,8 +238,6 @@ def load_hf_bert(model_dir: str, dtype: Any = jnp.float32, precision: Any = None
   Returns (BertModel, params) with params a nested dict of float32 numpy arrays. A missing file or
   tensor, or a shape mismatch, raises with the file and tensor named.
   """
-  from safetensors import safe_open
-
   config = load_hf_config(model_dir)
   st_path = os.path.join(model_dir, "model.safetensors")
   if not os.path.isfile(st_path):

@@ -27,8 +27,11 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from searche1_jax import sharding as sharding_lib
 from searche1_jax.models import qwen2
@@ -255,7 +258,6 @@ class _Reader:
   """Open safetensors files of a checkpoint; tensor name -> file, shape, slice reads."""
 
   def __init__(self, hf_dir: str):
-    from safetensors import safe_open  # imported here: only checkpoint I/O needs it
     self.hf_dir = hf_dir
     index_path = os.path.join(hf_dir, INDEX_FILE)
     single_path = os.path.join(hf_dir, SINGLE_FILE)
@@ -431,7 +433,6 @@ def load_hf(hf_dir: str | os.PathLike, dtype=jnp.float32, mesh: jax.sharding.Mes
 
 def _to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
 
@@ -473,8 +474,6 @@ def save_hf(params, cfg: qwen2.Qwen2Config, out_dir: str | os.PathLike, *, dtype
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(out_dir, exist_ok=True)
-  from safetensors.numpy import save_file
-
   host_cache: dict[tuple[str, ...], np.ndarray] = {}
 
   def leaf(e: _Entry) -> np.ndarray:

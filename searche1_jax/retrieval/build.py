@@ -15,11 +15,12 @@ import time
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from searche1_jax.fingerprint import file_fingerprint
 from searche1_jax.retrieval import index as index_lib
 from searche1_jax.retrieval.corpus import Corpus, scan_corpus
 from searche1_jax.retrieval.encoder import Encoder
-from searche1_jax.fingerprint import file_fingerprint
 
 STATE = "build_state.json"
 SHARDS = "shards"
@@ -55,7 +56,6 @@ def _encode_shards(corpus: Corpus, encoder: Encoder, shard: int, shard_paths: li
   todo = [k for k, path in enumerate(shard_paths) if not os.path.isfile(path)]
   bar = None
   if progress:
-    from tqdm import tqdm
     done = n - sum(min(shard, n - k * shard) for k in todo)
     bar = tqdm(total=n, initial=done, unit="passage", desc=f"encoding {os.path.basename(corpus.path)}")
   try:

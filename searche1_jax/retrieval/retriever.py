@@ -5,10 +5,11 @@ import dataclasses
 import os
 from typing import Any
 
+from searche1_jax.fingerprint import file_fingerprint, fingerprint_mismatch
 from searche1_jax.retrieval import index as index_lib
+from searche1_jax.retrieval.client import HttpRetriever
 from searche1_jax.retrieval.corpus import Corpus
 from searche1_jax.retrieval.encoder import Encoder
-from searche1_jax.fingerprint import file_fingerprint, fingerprint_mismatch
 from searche1_jax.retrieval.misses import MissingRetriever
 from searche1_jax.retrieval.passage import Passage, check_queries
 
@@ -93,7 +94,6 @@ def make_retriever(cfg: Any):
   """cfg = configs/parts/retrieval.py get() (possibly overridden). Returns a `Retriever`; with
   cfg.miss_rate > 0 it misses that fraction of query texts on purpose (`retrieval/misses.py`)."""
   if cfg.backend == "http":
-    from searche1_jax.retrieval.client import HttpRetriever
     retriever = HttpRetriever.from_config(cfg)
   elif cfg.backend in ("scann", "exact"):
     retriever = load_index_retriever(cfg)

@@ -20,6 +20,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from searche1_jax import sharding
+from searche1_jax.models import qwen2
+
 # Orbax refuses an empty item; a checkpoint without extra data stores this one-byte marker instead.
 _NO_EXTRA = {"_none": np.zeros((), np.int8)}
 
@@ -96,9 +99,6 @@ def load_policy(path: str, step: int | None = None, *, mesh=None, rules=None, ho
   straight into their sharded layout; with host=True as host numpy arrays (no device memory); else on device 0.
   Raises FileNotFoundError / ValueError naming the directory and what is missing or wrong.
   """
-  from searche1_jax import sharding
-  from searche1_jax.models import qwen2
-
   directory = find_checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory}: no checkpoints directory (is it a training run's workdir?)")

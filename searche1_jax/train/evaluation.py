@@ -24,12 +24,18 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from searche1_jax import models
 from searche1_jax import rewards, sharding
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
+from searche1_jax.data import qa
 from searche1_jax.models import hf
+from searche1_jax.retrieval import make_retriever
+from searche1_jax.train import checkpoint
 
 # Column titles of docs/reference.md / the Search-R1 paper for the seven benchmarks; other names are shown as they are.
 BENCHMARK_TITLES = {
@@ -123,7 +129,6 @@ def evaluate(make_session: rollout_lib.SessionFactory, tokenizer, retriever,
       os.remove(traj_path)
   decode_text = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)
 
-  from tqdm.auto import tqdm
   total = sum(len(qs) for qs in benchmarks.values())
   bar = tqdm(total=total, desc="eval", unit="q", disable=not progress)
   timing = collections.Counter()
@@ -170,7 +175,6 @@ def evaluate(make_session: rollout_lib.SessionFactory, tokenizer, retriever,
 def load_trainer_checkpoint(path: str, config, mesh, rules):
   """The policy params of the trainer's latest orbax checkpoint under `path` (a workdir or its checkpoints/
   directory), placed on `mesh` with `rules` when given. Returns (Qwen2Config, params) like `models.load_hf`."""
-  from searche1_jax.train import checkpoint
   del config
   cfg, params, _, _ = checkpoint.load_policy(path, mesh=mesh, rules=rules)
   return cfg, params
@@ -180,7 +184,6 @@ def load_benchmarks(data_cfg, limit: int | None = None) -> dict[str, list[dict]]
   """{benchmark: questions} for data_cfg.eval_datasets / eval_split, in that order, through searche1_jax.data.qa.
 
   limit > 0 takes the first `limit` questions of every benchmark (overriding data_cfg.eval_limit)."""
-  from searche1_jax.data import qa
   out = {}
   for name in data_cfg.eval_datasets:
     n = limit if limit else qa.eval_limit(name, data_cfg)
@@ -196,11 +199,7 @@ def evaluate_from_config(config, workdir: str, *, checkpoint: str | None = None,
   config.sampling blocks, config.retrieval, config.data, config.protocol and config.rollout. `checkpoint`
   (default config.model.hf_dir) is an HF directory, or else goes to the `load_trainer_checkpoint` hook.
   """
-  import jax.numpy as jnp
-  from transformers import AutoTokenizer
-
-  from searche1_jax import models
-  from searche1_jax.retrieval import make_retriever
+  from transformers import AutoTokenizer  # deferred: importing transformers takes ~4 s
 
   if limit is not None and limit < 0:
     raise ValueError(f"limit must be >= 0, got {limit}")

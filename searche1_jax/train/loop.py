@@ -33,11 +33,17 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from searche1_jax import config_utils, models, sharding
+from searche1_jax import distributed
+from searche1_jax import rewards
+from searche1_jax import sampling
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
+from searche1_jax.data import qa
 from searche1_jax.models import hf
+from searche1_jax.retrieval import make_retriever
 from searche1_jax.rl import grpo as grpo_math
 from searche1_jax.rl import grpo_loss, ofsd_phase
 from searche1_jax.train import checkpoint as checkpoint_lib
@@ -136,7 +142,6 @@ def eval_entry(results: dict, cursor_round: int, phase: str, global_step: int, t
 
 def metrics_by_type(trajs) -> dict[str, dict[str, float]]:
   """EM, searches and searches on correct answers per question type (metadata['type'] of the question)."""
-  from searche1_jax import rewards
   groups = collections.defaultdict(list)
   for t in trajs:
     qtype = (t.metadata or {}).get("type")
@@ -168,10 +173,7 @@ class Trainer:
   """Owns the policy, the steps, the data streams and the run's files. `run()` executes the schedule."""
 
   def __init__(self, config, workdir: str):
-    from transformers import AutoTokenizer
-
-    from searche1_jax.data import qa
-    from searche1_jax.retrieval import make_retriever
+    from transformers import AutoTokenizer  # deferred: importing transformers takes ~4 s
 
     self.config = config
     self.workdir = os.path.abspath(workdir)
@@ -204,7 +206,6 @@ class Trainer:
     data = config.data
     train = qa.load_split(data.train_dataset, data.train_split, qa.source_dir(data.train_dataset, data),
                           data.tfds_dir)
-    from searche1_jax import distributed
     # Equal shards on every host (global batches are assembled from equal process-local parts).
     train = distributed.host_shard(train, jax.process_index(), jax.process_count(), drop_remainder=True)
     self.stream = QuestionStream(train, _seed(config, "grpo-data"))
@@ -310,7 +311,6 @@ class Trainer:
   # --------------------------------------------------------------------------------------------- pieces
 
   def session_factory(self, params, *, temperature: float, seed: int):
-    from searche1_jax import sampling
     s = self.config.sampling
     return rollout_lib.sampler_session_factory(
         params, self.model_cfg, temperature=temperature, top_p=float(s.top_p), top_k=int(s.top_k),
@@ -417,7 +417,6 @@ class Trainer:
     return out
 
   def run_grpo_phase(self) -> None:
-    from tqdm.auto import tqdm
     t = self.config.train
     total = int(t.grpo_steps_per_round)
     every = int(self.config.checkpoint.every_steps)
@@ -473,7 +472,6 @@ class Trainer:
       self.save()
     every = int(self.config.checkpoint.every_steps)
     total = self.ofsd_carry.num_steps()
-    from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=c.phase_step, desc=f"round {c.round} OFSD", disable=not self.is_main)
     while c.phase_step < total:
       t0 = time.perf_counter()

@@ -42,7 +42,7 @@ class MetricsWriter:
     self.rows = len(read_metrics(workdir))
     self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # deferred: only with tensorboard=True
       purge = None if resume_step is None else resume_step + 1
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
