@@ -21,11 +21,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 
-from searche1_jax import distributed, sharding
+from searche1_jax import distributed, schema, sharding
 from searche1_jax.data import qa
 from searche1_jax.models import hf, qwen2
 from searche1_jax.retrieval import retriever
-from searche1_jax.rl import grpo, grpo_loss, ofsd, ofsd_phase, pairs, privileged
+from searche1_jax.sampling import options as sampling_options
+from searche1_jax.rl import grpo, grpo_loss, ofsd_loss, ofsd_phase, privileged
 
 
 class ConfigError(ValueError):
@@ -303,6 +304,11 @@ class _Checker:
     elif hi is not None and (v >= hi if hi_open else v > hi):
       self.fail(path, f"must be {'<' if hi_open else '<='} {hi}")
 
+  def options(self, cls, block: str, source: str) -> None:
+    """The problems of `block` against an option class's declared fields (searche1_jax/schema.py)."""
+    if self.has(block):  # blocks feeding several classes share fields: each problem is listed once
+      self.problems += [p for p in schema.problems(cls, self.get(block), block, source) if p not in self.problems]
+
   def boolean(self, path: str) -> None:
     if self.has(path) and not isinstance(self.get(path), bool):
       self.fail(path, "must be True or False")
@@ -359,23 +365,10 @@ def _check_optim(c: _Checker, block: str) -> None:
 
 
 def _check_grpo(c: _Checker) -> None:
+  c.options(grpo_loss.GRPOOptions, "grpo", "configs/parts/grpo.py")
   c.one_of("grpo.estimator", grpo.ESTIMATORS)
-  c.one_of("grpo.kl_estimator", grpo.KL_ESTIMATORS)
-  c.one_of("grpo.agg", grpo.AGG_MODES)
-  c.number("grpo.clip_eps", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-  c.number("grpo.clip_eps_high", lo=0.0, lo_open=True, allow_none=True)
-  c.number("grpo.kl_coef", lo=0.0)
   c.number("grpo.adv_eps", lo=0.0)
-  c.number("grpo.temperature", lo=0.0, lo_open=True)
-  c.number("grpo.tis_cap", lo=0.0)
-  c.one_of("grpo.old_logprobs", grpo_loss.OLD_LOGPROBS_MODES)
-  c.one_of("grpo.ref_logprobs", grpo_loss.REF_MODES)
-  c.number("grpo.num_microbatches", lo=1, integer=True)
-  c.number("grpo.logprob_chunk_size", lo=1, integer=True)
-  tis = c.get("grpo.tis_cap")
-  if isinstance(tis, (int, float)) and tis > 0 and c.get("grpo.old_logprobs", "recompute") != "recompute":
-    c.problems.append(f"grpo.tis_cap={tis!r} needs grpo.old_logprobs='recompute' (the importance weight compares "
-                      f"recomputed and sampler log-probs), got {c.get('grpo.old_logprobs')!r}")
+  c.boolean("grpo.skip_zero_advantage_rows")
   c.number("grpo.group_size", lo=1, integer=True)
   g = c.get("grpo.group_size")
   if isinstance(g, int) and not isinstance(g, bool) and g < 2:
@@ -407,32 +400,11 @@ def _check_ofsd(c: _Checker) -> None:
     return
   c.boolean("ofsd.enabled")
   c.one_of("ofsd.mode", OFSD_MODES)
-  c.one_of("ofsd.kind", ofsd.KINDS)
-  c.number("ofsd.beta", lo=0.0, hi=1.0)
-  c.number("ofsd.top_k", lo=0, integer=True, allow_none=True)
-  c.number("ofsd.temperature", lo=0.0, lo_open=True)
-  c.one_of("ofsd.spans", privileged.SPANS)
-  c.one_of("ofsd.efficiency", pairs.EFFICIENCY)
-  c.number("ofsd.max_pairs_per_question", lo=1, integer=True, allow_none=True)
-  c.boolean("ofsd.include_correct_students")
-  c.one_of("ofsd.context_siblings", privileged.SIBLINGS)
-  c.one_of("ofsd.context_format", privileged.FORMATS)
-  c.boolean("ofsd.context_passages")
-  c.boolean("ofsd.context_answer")
-  c.one_of("ofsd.context_position", privileged.POSITIONS)
+  for cls in (ofsd_loss.DivergenceOptions, ofsd_phase.PhaseOptions, privileged.ContextOptions):
+    c.options(cls, "ofsd", "configs/parts/ofsd.py")
   c.number("ofsd.group_size", lo=2, integer=True)
   c.number("ofsd.rollout_temperature", lo=0.0)
   c.number("ofsd.questions_per_phase", lo=1, integer=True)
-  c.number("ofsd.epochs", lo=1, integer=True)
-  c.number("ofsd.batch_size", lo=1, integer=True)
-  c.number("ofsd.num_microbatches", lo=1, integer=True)
-  c.number("ofsd.alpha", lo=0.0)
-  c.number("ofsd.warmup_steps", lo=0, integer=True)
-  c.number("ofsd.chunk_size", lo=1, integer=True)
-  c.one_of("ofsd.storage", ofsd_phase.STORAGE)
-  b, n = c.get("ofsd.batch_size"), c.get("ofsd.num_microbatches")
-  if isinstance(b, int) and isinstance(n, int) and n >= 1 and b % n:
-    c.problems.append(f"ofsd.num_microbatches={n!r} must divide ofsd.batch_size={b!r}")
   if c.has("ofsd.optim"):
     _check_optim(c, "ofsd.optim")
   if not c.get("ofsd.enabled"):
@@ -462,6 +434,7 @@ def _check_protocol(c: _Checker) -> None:
 
 
 def _check_sampling(c: _Checker) -> None:
+  c.options(sampling_options.SamplerOptions, "sampling", "configs/parts/sampling.py")
   for block in ("sampling", "rollout.eval"):
     c.number(f"{block}.temperature", lo=0.0)
     c.number(f"{block}.top_p", lo=0.0, hi=1.0, lo_open=True)

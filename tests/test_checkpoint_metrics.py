@@ -1,5 +1,4 @@
 """Checkpointer round trip, keep-N, and metrics.jsonl truncation on resume."""
-import json
 import os
 
 import jax

@@ -89,7 +89,6 @@ def _free_port() -> int:
 
 def _worker(process_id: int, port: int, out_path: str) -> None:
   import jax
-  import jax.numpy as jnp
   import ml_collections
   from jax.sharding import PartitionSpec as P
 

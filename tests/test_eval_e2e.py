@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 
-from searche1_jax.agent import protocol
 from rollout_testlib import chain_params, make_tokenizer, search_answer_chain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

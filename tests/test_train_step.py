@@ -17,7 +17,6 @@ from searche1_jax.models import qwen2
 from searche1_jax.rl import grpo_loss
 from searche1_jax.rl import logprobs
 from searche1_jax.train import optim, steps
-from searche1_jax.train.state import TrainState
 
 CFG = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2)

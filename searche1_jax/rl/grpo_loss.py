@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from searche1_jax import schema
 from searche1_jax.models import qwen2
 from searche1_jax.rl import grpo
 from searche1_jax.rl.logprobs import BATCH_FIELDS, LossFn, check_fields, shifted_logprobs
@@ -39,56 +40,53 @@ REF_MODES = ("in_step", "precompute")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOOptions:
-  """The validated `grpo` config block (configs/parts/grpo.py) as plain values."""
-  clip_eps: float
-  clip_eps_high: float
-  kl_coef: float
-  kl_estimator: str
-  agg: str
-  temperature: float
-  logprob_chunk_size: int
-  log_entropy: bool
-  old_logprobs: str
-  tis_cap: float
-  ref_logprobs: str
-  ref_on_host: bool
-  num_microbatches: int
+  """The `grpo` config block's learner fields (configs/parts/grpo.py), declared once (searche1_jax/schema.py).
+
+  clip_eps_high None in a block means a symmetric clip (= clip_eps). tis_cap 0 = no truncated importance weight.
+  """
+  clip_eps: float = schema.option("float", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+  clip_eps_high: float = schema.option("float", lo=0.0, lo_open=True, none_ok=True)
+  kl_coef: float = schema.option("float", lo=0.0)
+  kl_estimator: str = schema.option("str", choices=grpo.KL_ESTIMATORS)
+  agg: str = schema.option("str", choices=grpo.AGG_MODES)
+  temperature: float = schema.option("float", lo=0.0, lo_open=True)
+  logprob_chunk_size: int = schema.option("int", lo=1)
+  log_entropy: bool = schema.option("bool")
+  old_logprobs: str = schema.option("str", choices=OLD_LOGPROBS_MODES)
+  tis_cap: float = schema.option("float", lo=0.0)
+  ref_logprobs: str = schema.option("str", choices=REF_MODES)
+  ref_on_host: bool = schema.option("bool")
+  num_microbatches: int = schema.option("int", lo=1)
+
+  def __post_init__(self):
+    schema.check(self, "grpo")
 
   @property
   def uses_ref(self) -> bool:
     return self.kl_coef != 0
 
   @classmethod
+  def _normalize(cls, v: dict) -> dict:
+    if v.get("clip_eps_high") is None and "clip_eps" in v:
+      v["clip_eps_high"] = v["clip_eps"]
+    return v
+
+  @classmethod
+  def _cross_problems(cls, v: dict) -> list[tuple[str, str]]:
+    out = []
+    if 0 < v["tis_cap"] < 1:
+      out.append(("tis_cap", "must be 0 (off) or >= 1"))
+    if v["tis_cap"] > 0 and v["old_logprobs"] != "recompute":
+      out.append(("tis_cap", f"needs grpo.old_logprobs='recompute' (the importance weight compares recomputed "
+                             f"and sampler log-probs), got {v['old_logprobs']!r}"))
+    if v["ref_on_host"] and v["ref_logprobs"] != "precompute":
+      out.append(("ref_on_host", "needs grpo.ref_logprobs='precompute' (in-step reference params live on the "
+                                 "device)"))
+    return out
+
+  @classmethod
   def from_config(cls, block) -> "GRPOOptions":
-    kw = {}
-    for f in dataclasses.fields(cls):
-      if f.name not in block:
-        raise ValueError(f"grpo config: missing field {f.name!r} (see configs/parts/grpo.py)")
-      kw[f.name] = block[f.name]
-    if kw["clip_eps_high"] is None:  # None = symmetric clip
-      kw["clip_eps_high"] = kw["clip_eps"]
-    o = cls(**kw)
-    checks = [
-        (o.kl_estimator in grpo.KL_ESTIMATORS, f"kl_estimator={o.kl_estimator!r}, expected one of {grpo.KL_ESTIMATORS}"),
-        (o.agg in grpo.AGG_MODES, f"agg={o.agg!r}, expected one of {grpo.AGG_MODES}"),
-        (o.old_logprobs in OLD_LOGPROBS_MODES, f"old_logprobs={o.old_logprobs!r}, expected one of {OLD_LOGPROBS_MODES}"),
-        (o.ref_logprobs in REF_MODES, f"ref_logprobs={o.ref_logprobs!r}, expected one of {REF_MODES}"),
-        (o.clip_eps > 0 and o.clip_eps_high > 0, f"clip_eps={o.clip_eps} and clip_eps_high={o.clip_eps_high} must be > 0"),
-        (o.kl_coef >= 0, f"kl_coef={o.kl_coef} must be >= 0"),
-        (o.temperature > 0, f"temperature={o.temperature} must be > 0"),
-        (o.logprob_chunk_size >= 1, f"logprob_chunk_size={o.logprob_chunk_size} must be >= 1"),
-        (o.num_microbatches >= 1, f"num_microbatches={o.num_microbatches} must be >= 1"),
-        (o.tis_cap == 0 or o.tis_cap >= 1, f"tis_cap={o.tis_cap} must be 0 (off) or >= 1"),
-        (o.tis_cap == 0 or o.old_logprobs == "recompute",
-         f"tis_cap={o.tis_cap} needs old_logprobs='recompute' (the weights compare recomputed and sampler "
-         "log-probs)"),
-        (not o.ref_on_host or o.ref_logprobs == "precompute",
-         "ref_on_host=True needs ref_logprobs='precompute' (in-step reference params live on the device)"),
-    ]
-    for ok, msg in checks:
-      if not ok:
-        raise ValueError(f"grpo config: {msg}")
-    return o
+    return schema.build(cls, block, "grpo", "configs/parts/grpo.py")
 
 
 def grpo_loss_fn(cfg: qwen2.Qwen2Config, grpo_block) -> LossFn:

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from searche1_jax import schema
 from searche1_jax.models import qwen2
 from searche1_jax.rl import grpo, ofsd
 from searche1_jax.rl.logprobs import chunked_time_map
@@ -51,40 +52,28 @@ f32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class DivergenceOptions:
-  """The divergence part of the `ofsd` block as plain values. top_k None = full vocabulary."""
-  kind: str = "forward_kl"
-  beta: float = 0.5
-  top_k: int | None = None
-  temperature: float = 1.0
-  chunk_size: int = 128
-  alpha: float = 1e-3
-  warmup_steps: int = 0
+  """The divergence part of the `ofsd` block (configs/parts/ofsd.py), declared once (searche1_jax/schema.py).
+  top_k None (or 0 in a block) = full vocabulary."""
+  kind: str = schema.option("str", "forward_kl", choices=ofsd.KINDS)
+  beta: float = schema.option("float", 0.5, lo=0.0, hi=1.0)
+  top_k: int | None = schema.option("int", None, lo=0, none_ok=True)
+  temperature: float = schema.option("float", 1.0, lo=0.0, lo_open=True)
+  chunk_size: int = schema.option("int", 128, lo=1)
+  alpha: float = schema.option("float", 1e-3, lo=0.0)
+  warmup_steps: int = schema.option("int", 0, lo=0)
 
   def __post_init__(self):
-    if self.kind not in ofsd.KINDS:
-      raise ValueError(f"ofsd config: kind={self.kind!r}, expected one of {ofsd.KINDS}")
-    if not 0.0 <= self.beta <= 1.0:
-      raise ValueError(f"ofsd config: beta={self.beta} must be in [0, 1]")
-    if self.top_k is not None and self.top_k < 1:
-      raise ValueError(f"ofsd config: top_k={self.top_k} must be None, 0 (full vocabulary) or >= 1")
-    if not self.temperature > 0:
-      raise ValueError(f"ofsd config: temperature={self.temperature} must be > 0")
-    if self.chunk_size < 1:
-      raise ValueError(f"ofsd config: chunk_size={self.chunk_size} must be >= 1")
-    if self.alpha < 0 or self.warmup_steps < 0:
-      raise ValueError(f"ofsd config: alpha={self.alpha} and warmup_steps={self.warmup_steps} must be >= 0")
+    schema.check(self, "ofsd")
+
+  @classmethod
+  def _normalize(cls, v: dict) -> dict:
+    if "top_k" in v and not v["top_k"]:
+      v["top_k"] = None
+    return v
 
   @classmethod
   def from_config(cls, block) -> "DivergenceOptions":
-    kw = {}
-    for f in dataclasses.fields(cls):
-      if f.name not in block:
-        raise ValueError(f"ofsd config: missing field {f.name!r} (see configs/parts/ofsd.py)")
-      kw[f.name] = block[f.name]
-    kw["top_k"] = None if not kw["top_k"] else int(kw["top_k"])  # None or 0 -> full vocabulary
-    kw["beta"], kw["temperature"], kw["alpha"] = float(kw["beta"]), float(kw["temperature"]), float(kw["alpha"])
-    kw["chunk_size"], kw["warmup_steps"] = int(kw["chunk_size"]), int(kw["warmup_steps"])
-    return cls(**kw)
+    return schema.build(cls, block, "ofsd", "configs/parts/ofsd.py")
 
 
 # ----------------------------------------------------------------------------------------------- pieces

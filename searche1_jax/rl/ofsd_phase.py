@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from searche1_jax import rewards
+from searche1_jax import schema
 from searche1_jax import sharding as shd
 from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory as trajectory_lib
@@ -53,32 +54,25 @@ STORAGE = ("host", "disk")
 
 @dataclasses.dataclass(frozen=True)
 class PhaseOptions:
-  """The pair-selection, batching and storage part of the `ofsd` block as plain values."""
-  efficiency: str = "searches_then_tokens"
-  max_pairs_per_question: int | None = None
-  include_correct_students: bool = True
-  context_siblings: str = "reference"
-  epochs: int = 2
-  batch_size: int = 64
-  num_microbatches: int = 4
-  storage: str = "host"
+  """The pair-selection, batching and storage part of the `ofsd` block (configs/parts/ofsd.py), declared once
+  (searche1_jax/schema.py)."""
+  efficiency: str = schema.option("str", "searches_then_tokens", choices=pairs_lib.EFFICIENCY)
+  max_pairs_per_question: int | None = schema.option("int", None, lo=1, none_ok=True)
+  include_correct_students: bool = schema.option("bool", True)
+  context_siblings: str = schema.option("str", "reference", choices=privileged.SIBLINGS)
+  epochs: int = schema.option("int", 2, lo=1)
+  batch_size: int = schema.option("int", 64, lo=1)
+  num_microbatches: int = schema.option("int", 4, lo=1)
+  storage: str = schema.option("str", "host", choices=STORAGE)
 
   def __post_init__(self):
-    if self.efficiency not in pairs_lib.EFFICIENCY:
-      raise ValueError(f"ofsd config: efficiency={self.efficiency!r}, expected one of {pairs_lib.EFFICIENCY}")
-    if self.context_siblings not in privileged.SIBLINGS:
-      raise ValueError(f"ofsd config: context_siblings={self.context_siblings!r}, expected one of "
-                       f"{privileged.SIBLINGS}")
-    if self.storage not in STORAGE:
-      raise ValueError(f"ofsd config: storage={self.storage!r}, expected one of {STORAGE}")
-    if self.epochs < 1 or self.batch_size < 1 or self.num_microbatches < 1:
-      raise ValueError(f"ofsd config: epochs={self.epochs}, batch_size={self.batch_size}, num_microbatches="
-                       f"{self.num_microbatches} must be >= 1")
-    if self.batch_size % self.num_microbatches:
-      raise ValueError(f"ofsd config: num_microbatches={self.num_microbatches} must divide batch_size="
-                       f"{self.batch_size}")
-    if self.max_pairs_per_question is not None and self.max_pairs_per_question < 1:
-      raise ValueError(f"ofsd config: max_pairs_per_question={self.max_pairs_per_question} must be >= 1 or None")
+    schema.check(self, "ofsd")
+
+  @classmethod
+  def _cross_problems(cls, v: dict) -> list[tuple[str, str]]:
+    if v["batch_size"] % v["num_microbatches"]:
+      return [("num_microbatches", f"must divide ofsd.batch_size={v['batch_size']!r}")]
+    return []
 
   @property
   def micro_batch_size(self) -> int:
@@ -86,12 +80,7 @@ class PhaseOptions:
 
   @classmethod
   def from_config(cls, block) -> "PhaseOptions":
-    kw = {}
-    for f in dataclasses.fields(cls):
-      if f.name not in block:
-        raise ValueError(f"ofsd config: missing field {f.name!r} (see configs/parts/ofsd.py)")
-      kw[f.name] = block[f.name]
-    return cls(**kw)
+    return schema.build(cls, block, "ofsd", "configs/parts/ofsd.py")
 
 
 # ----------------------------------------------------------------------------------------------- pairs

@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from searche1_jax import schema
 from searche1_jax.agent import actions
 from searche1_jax.agent import protocol
 from searche1_jax.agent import trajectory as trajectory_lib
@@ -67,45 +68,30 @@ _NO_QUERY_LIMIT = 1 << 30  # parse_action truncates queries; here only their pos
 
 @dataclasses.dataclass(frozen=True)
 class ContextOptions:
-  """How the teacher's privileged context is built and which student tokens are distilled.
-
-  Field names follow the `ofsd` config block (configs/parts/ofsd.py); `template` is the protocol template the
-  rollouts used (protocol.template), needed to rebuild the prompt text.
+  """How the teacher's privileged context is built and which student tokens are distilled: the context part of
+  the `ofsd` block (configs/parts/ofsd.py), declared once (searche1_jax/schema.py). The text fields are optional
+  in a block (context_header, context_header_all, context_elided_passages; default: this module's texts);
+  `template` is the protocol template the rollouts used (protocol.template), needed to rebuild the prompt text.
   """
-  context_format: str = "full"
-  context_passages: bool = True
-  context_answer: bool = True
-  context_position: str = "after_question"
-  context_siblings: str = "reference"
-  spans: str = "policy"
-  header: str = HEADER_REFERENCE
-  header_all: str = HEADER_ALL
-  elided_passages: str = ELIDED_PASSAGES
+  context_format: str = schema.option("str", "full", choices=FORMATS)
+  context_passages: bool = schema.option("bool", True)
+  context_answer: bool = schema.option("bool", True)
+  context_position: str = schema.option("str", "after_question", choices=POSITIONS)
+  context_siblings: str = schema.option("str", "reference", choices=SIBLINGS)
+  spans: str = schema.option("str", "policy", choices=SPANS)
+  header: str = schema.option("str", HEADER_REFERENCE, optional=True, key="context_header")
+  header_all: str = schema.option("str", HEADER_ALL, optional=True, key="context_header_all")
+  elided_passages: str = schema.option("str", ELIDED_PASSAGES, optional=True, key="context_elided_passages")
   template: str = protocol.SEARCH_R1_TEMPLATE
 
   def __post_init__(self):
-    for name, allowed in (("context_format", FORMATS), ("context_position", POSITIONS), ("spans", SPANS),
-                          ("context_siblings", SIBLINGS)):
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"ofsd.{name}={getattr(self, name)!r}, expected one of {allowed}")
+    schema.check(self, "ofsd")
     if "{question}" not in self.template:
       raise ValueError("ContextOptions.template has no '{question}' placeholder (pass protocol.template)")
 
   @classmethod
   def from_config(cls, ofsd_block, template: str = protocol.SEARCH_R1_TEMPLATE) -> "ContextOptions":
-    """From the `ofsd` block; the optional text fields (context_header, context_header_all,
-    context_elided_passages) fall back to this module's defaults when the block has none."""
-    kw = {}
-    for name in ("context_format", "context_passages", "context_answer", "context_position", "context_siblings",
-                 "spans"):
-      if name not in ofsd_block:
-        raise ValueError(f"ofsd config: missing field {name!r} (see configs/parts/ofsd.py)")
-      kw[name] = ofsd_block[name]
-    for name, field in (("context_header", "header"), ("context_header_all", "header_all"),
-                        ("context_elided_passages", "elided_passages")):
-      if name in ofsd_block:
-        kw[field] = ofsd_block[name]
-    return cls(template=template, **kw)
+    return schema.build(cls, ofsd_block, "ofsd", "configs/parts/ofsd.py", template=template)
 
 
 @dataclasses.dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+from searche1_jax import schema
+
 
 def next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
@@ -27,37 +29,38 @@ def bucket(n: int, table: Sequence[int], minimum: int, what: str) -> int:
   raise ValueError(f"{what}: size {n} exceeds the largest configured bucket {max(table)}; add a larger bucket")
 
 
+def _opt(kind, default, **spec):
+  return schema.option(kind, default, optional=True, **spec)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
-  """How the sampler lays out work. Defaults are sensible for CPU tests and TPU rollouts alike."""
-  decode_chunk: int = 64  # decode steps per jitted while_loop call; the host syncs once per chunk
-  batch_buckets: tuple[int, ...] = ()  # allowed batch sizes; () = powers of two
-  min_batch: int = 1  # smallest batch bucket (raised to the mesh's data-parallel size when sharded)
-  length_buckets: tuple[int, ...] = ()  # tokens per prefill / extend program; () = powers of two
-  min_length: int = 16  # smallest prefill / extend bucket
-  max_extend: int = 512  # longest prefill / extend program; longer inputs are fed in several calls
-  cache_buckets: tuple[int, ...] = ()  # physical KV-cache lengths; () = powers of two
-  min_cache: int = 128  # smallest physical cache length
-  grow_cache: bool = True  # True: the cache grows by buckets as sequences lengthen; False: max_len up front
-  compact: bool = True  # move live rows into a smaller batch bucket once enough sequences finished
-  stop_width: int = 8  # smallest padded stop-sequence length (stop tables are [slots, width], both bucketed)
-  stop_slots: int = 4  # smallest padded number of stop sequences
-  eos_slots: int = 4  # smallest padded number of EOS ids
-  pad_id: int = 0  # token id used for padding (never visible in results)
+  """How the sampler lays out work: the engine fields of the `sampling` block (configs/parts/sampling.py),
+  declared once (searche1_jax/schema.py); every field is optional in a block. Defaults are sensible for CPU
+  tests and TPU rollouts alike."""
+  decode_chunk: int = _opt("int", 64, lo=1)  # decode steps per jitted while_loop call; the host syncs once per chunk
+  batch_buckets: tuple[int, ...] = _opt("ints", (), lo=1)  # allowed batch sizes; () = powers of two
+  min_batch: int = _opt("int", 1, lo=1)  # smallest batch bucket (raised to the mesh's data-parallel size when sharded)
+  length_buckets: tuple[int, ...] = _opt("ints", (), lo=1)  # tokens per prefill / extend program; () = powers of two
+  min_length: int = _opt("int", 16, lo=1)  # smallest prefill / extend bucket
+  max_extend: int = _opt("int", 512, lo=1)  # longest prefill / extend program; longer inputs take several calls
+  cache_buckets: tuple[int, ...] = _opt("ints", (), lo=1)  # physical KV-cache lengths; () = powers of two
+  min_cache: int = _opt("int", 128, lo=1)  # smallest physical cache length
+  grow_cache: bool = _opt("bool", True)  # True: the cache grows by buckets as sequences lengthen; False: max_len
+  compact: bool = _opt("bool", True)  # move live rows into a smaller batch bucket once enough sequences finished
+  stop_width: int = _opt("int", 8, lo=1)  # smallest padded stop-sequence length (stop tables are [slots, width])
+  stop_slots: int = _opt("int", 4, lo=1)  # smallest padded number of stop sequences
+  eos_slots: int = _opt("int", 4, lo=1)  # smallest padded number of EOS ids
+  pad_id: int = _opt("int", 0, lo=0)  # token id used for padding (never visible in results)
 
   def __post_init__(self):
-    for f in ("decode_chunk", "min_batch", "min_length", "max_extend", "min_cache", "stop_width", "stop_slots",
-              "eos_slots"):
-      if int(getattr(self, f)) < 1:
-        raise ValueError(f"sampling.{f} must be >= 1, got {getattr(self, f)!r}")
-    for f in ("batch_buckets", "length_buckets", "cache_buckets"):
-      value = tuple(int(b) for b in getattr(self, f))
-      if any(b < 1 for b in value):
-        raise ValueError(f"sampling.{f} entries must be >= 1, got {value}")
-      object.__setattr__(self, f, value)
-    if self.length_buckets and self.max_extend > max(self.length_buckets):
-      raise ValueError(f"sampling.max_extend={self.max_extend} exceeds the largest of sampling.length_buckets="
-                       f"{self.length_buckets}")
+    schema.check(self, "sampling")
+
+  @classmethod
+  def _cross_problems(cls, v: dict) -> list[tuple[str, str]]:
+    if v.get("length_buckets") and v.get("max_extend", 512) > max(v["length_buckets"]):
+      return [("max_extend", f"exceeds the largest of sampling.length_buckets={tuple(v['length_buckets'])}")]
+    return []
 
   @classmethod
   def from_config(cls, block: Mapping[str, Any] | None) -> "SamplerOptions":
@@ -72,9 +75,9 @@ class SamplerOptions:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(items) - fields - set(SAMPLING_PARAM_FIELDS))
     if unknown:
-      raise ValueError(f"unknown sampling config field(s) {unknown}; known: {sorted(fields | set(SAMPLING_PARAM_FIELDS))}")
-    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in items.items() if k in fields}
-    return cls(**kw)
+      known = sorted(fields | set(SAMPLING_PARAM_FIELDS))
+      raise ValueError(f"unknown sampling config field(s) {unknown}; known: {known}")
+    return schema.build(cls, items, "sampling", "configs/parts/sampling.py")
 
 
 # Fields of the sampling config block that are per-call sampling parameters, not engine options.
