@@ -33,6 +33,7 @@ from configs.parts import grpo as grpo_part
 from configs.parts import optim as optim_part
 from searche1_jax import sharding as shd
 from searche1_jax.models import qwen2
+from searche1_jax.rl import grpo_loss
 from searche1_jax.train import optim, steps
 
 
@@ -87,7 +88,7 @@ def main():
   g.logprob_chunk_size = args.chunk
   o = optim_part.get()
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  gs = steps.make_grpo_step(cfg, g, optim.make_optimizer(o, 1000), mesh)
+  gs = steps.make_grpo_step(cfg, grpo_loss.GRPOOptions.from_config(g), optim.make_optimizer(o, 1000), mesh)
   params = qwen2.init_params(cfg, jax.random.key(0))
   state = gs.init_state(params)
   del params

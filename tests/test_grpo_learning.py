@@ -8,7 +8,7 @@ from configs.parts import grpo as grpo_part
 from configs.parts import optim as optim_part
 from searche1_jax import sharding as shd
 from searche1_jax.models import qwen2
-from searche1_jax.rl import grpo
+from searche1_jax.rl import grpo, grpo_loss
 from searche1_jax.sampling import generate
 from searche1_jax.train import optim, steps
 
@@ -47,7 +47,7 @@ def test_grpo_raises_reward_on_toy_task():
   o = optim_part.get()
   o.learning_rate, o.warmup_steps, o.weight_decay = 1e-2, 2, 0.0
   mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  gs = steps.make_grpo_step(CFG, g, optim.make_optimizer(o, STEPS), mesh, lr_schedule=optim.make_schedule(o, STEPS))
+  gs = steps.make_grpo_step(CFG, grpo_loss.GRPOOptions.from_config(g), optim.make_optimizer(o, STEPS), mesh, lr_schedule=optim.make_schedule(o, STEPS))
   state = gs.init_state(jax.device_get(qwen2.init_params(CFG, jax.random.key(0))))
   rewards, mismatch, kls = [], [], []
   for step in range(STEPS):

@@ -36,6 +36,10 @@ def block(**kw):
   return b
 
 
+def div(**kw):
+  return ofsd_loss.DivergenceOptions.from_config(block(**kw))
+
+
 def make_pairs(seed=0, n=4):
   """Random pairs: student = prompt_s + response, teacher = prompt_t (longer or shorter) + the same response;
   distill mask = a random subset of the response."""
@@ -124,7 +128,7 @@ def topk_batch(teacher, pairs, k, temperature=1.0):
 
 
 BASE_FIELDS = ("tokens", "attention_mask", "distill_mask", "teacher_tokens", "teacher_attention_mask", "teacher_pos")
-_FULL_FN = ofsd_loss.ofsd_full_loss_fn(CFG, block(top_k=None))
+_FULL_FN = ofsd_loss.ofsd_full_loss_fn(CFG, div(top_k=None))
 # Shared by two tests (same shapes -> compiled once): d(loss_sum)/d(params, ref_params) of the full loss.
 FULL_VG = jax.jit(jax.value_and_grad(lambda p, r, b: (lambda s, d, m: (s, (d, m)))(*_FULL_FN(p, b, r)),
                                      argnums=(0, 1), has_aux=True))
@@ -144,7 +148,7 @@ def test_topk_loss_equals_direct_topk_divergence(models, kind, beta, temperature
   params, teacher = models
   pairs = make_pairs(0)
   batch = topk_batch(teacher, pairs, K, temperature)
-  fn = ofsd_loss.ofsd_topk_loss_fn(CFG, block(top_k=K, kind=kind, beta=beta, temperature=temperature))
+  fn = ofsd_loss.ofsd_topk_loss_fn(CFG, div(top_k=K, kind=kind, beta=beta, temperature=temperature))
   loss_sum, denom, metrics = jax.jit(fn)(params, batch, None)
   want = direct_divergence(teacher, params, pairs, kind=kind, beta=beta, top_k=K, temperature=temperature)
   n = sum(int(p["mask"].sum()) for p in pairs)
@@ -195,7 +199,7 @@ def test_packed_distilled_positions_give_the_same_losses_and_gradients(models):
   np.testing.assert_allclose(float(m_got["divergence_max"]), float(m_want["divergence_max"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-  fn = jax.jit(ofsd_loss.ofsd_topk_loss_fn(CFG, block(top_k=K)))
+  fn = jax.jit(ofsd_loss.ofsd_topk_loss_fn(CFG, div(top_k=K)))
   (s_want, n_want, _), (s_got, n_got, _) = fn(params, batch, None), fn(params, packed, None)
   np.testing.assert_allclose(float(s_got), float(s_want), rtol=1e-5)
   assert float(n_got) == float(n_want) > 0
@@ -203,10 +207,10 @@ def test_packed_distilled_positions_give_the_same_losses_and_gradients(models):
 
 def test_full_loss_needs_ref_params(models):
   params, _ = models
-  fn = ofsd_loss.ofsd_full_loss_fn(CFG, block(top_k=None))
+  fn = ofsd_loss.ofsd_full_loss_fn(CFG, div(top_k=None))
   with pytest.raises(ValueError, match="ref_params"):
     fn(params, base_batch(make_pairs(1)), None)
-  fn = ofsd_loss.ofsd_topk_loss_fn(CFG, block(top_k=K))
+  fn = ofsd_loss.ofsd_topk_loss_fn(CFG, div(top_k=K))
   with pytest.raises(ValueError, match="teacher_topk_ids"):
     fn(params, base_batch(make_pairs(1)), None)
 
@@ -240,9 +244,9 @@ def test_no_batch_time_vocab_array():
            "advantages": np.ones((b,), np.float32), "sd_weight": np.ones((b,), np.float32)}
   g = grpo_part.get()
   g.kl_coef, g.old_logprobs, g.logprob_chunk_size = 0.0, "sampler", 8
-  fns = {"topk": ofsd_loss.ofsd_topk_loss_fn(cfg, block(top_k=K)),
-         "full": ofsd_loss.ofsd_full_loss_fn(cfg, block(top_k=None)),
-         "grpo_sd": ofsd_loss.grpo_sd_loss_fn(cfg, g, block(top_k=None))}
+  fns = {"topk": ofsd_loss.ofsd_topk_loss_fn(cfg, div(top_k=K)),
+         "full": ofsd_loss.ofsd_full_loss_fn(cfg, div(top_k=None)),
+         "grpo_sd": ofsd_loss.grpo_sd_loss_fn(cfg, grpo_loss.GRPOOptions.from_config(g), div(top_k=None))}
   limit = b * (T - 1) * v
   for name, fn in fns.items():
     jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda p, r: fn(p, batch, r)[0]))(params, params)
@@ -264,10 +268,10 @@ def grpo_batch(pairs, seed=0):
   return batch
 
 
-def grpo_block(agg="token-mean"):
+def grpo_opts(agg="token-mean"):
   g = grpo_part.get()
   g.kl_coef, g.old_logprobs, g.logprob_chunk_size, g.agg = 0.0, "sampler", 8, agg
-  return g
+  return grpo_loss.GRPOOptions.from_config(g)
 
 
 def sd_case(seed=2, agg="token-mean"):
@@ -281,7 +285,7 @@ def sd_case(seed=2, agg="token-mean"):
 @pytest.fixture(scope="module")
 def grpo_value(models):
   _, batch, _ = sd_case()
-  s, d, _ = jax.jit(grpo_loss.grpo_loss_fn(CFG, grpo_block()))(models[0], batch, None)
+  s, d, _ = jax.jit(grpo_loss.grpo_loss_fn(CFG, grpo_opts()))(models[0], batch, None)
   return float(s), float(d)
 
 
@@ -296,16 +300,16 @@ def test_grpo_sd_value_and_warmup(models, grpo_value, top_k):
   np.testing.assert_allclose(batch["sd_weight"], np.where(active & (batch["distill_mask"].sum(1) > 0), w, 0.0),
                              rtol=1e-6)
   alpha = 0.3
-  fn = jax.jit(ofsd_loss.grpo_sd_loss_fn(CFG, grpo_block(), block(top_k=top_k, alpha=alpha)))
+  fn = jax.jit(ofsd_loss.grpo_sd_loss_fn(CFG, grpo_opts(), div(top_k=top_k, alpha=alpha)))
   g_sum, g_den = grpo_value
   s, d, metrics = fn(params, batch, None)
-  div = direct_divergence(params, params, pairs, top_k=top_k)
+  want = direct_divergence(params, params, pairs, top_k=top_k)
   assert float(d) == g_den
   # float32 sums over ~100 tokens in a different order than numpy's float64: relative error up to ~1e-4.
-  np.testing.assert_allclose(float(s) / float(d), g_sum / g_den + alpha * (div * active).sum() / n_sd, rtol=1e-4)
+  np.testing.assert_allclose(float(s) / float(d), g_sum / g_den + alpha * (want * active).sum() / n_sd, rtol=1e-4)
   assert float(metrics["sd_distill_tokens"]) == n_sd
-  np.testing.assert_allclose(float(metrics["sd_divergence"][0]), (div * active).sum(), rtol=1e-4)
-  assert (div * active).sum() > 0
+  np.testing.assert_allclose(float(metrics["sd_divergence"][0]), (want * active).sum(), rtol=1e-4)
+  assert (want * active).sum() > 0
   # Warm-up (or no reference anywhere): sd_weight 0 -> plain GRPO, no SD tokens.
   off = dict(batch, sd_weight=ofsd_loss.sd_weights(batch["loss_mask"], batch["distill_mask"], np.zeros(4, bool),
                                                    "token-mean"))
@@ -325,8 +329,8 @@ def test_grpo_sd_gradient_and_microbatches(models):
   _, batch, active = sd_case(agg=agg)
   w = float(batch["sd_weight"].max())
   alpha = 0.3
-  fn = ofsd_loss.grpo_sd_loss_fn(CFG, grpo_block(agg), block(top_k=None, alpha=alpha))
-  g_fn = grpo_loss.grpo_loss_fn(CFG, grpo_block(agg))
+  fn = ofsd_loss.grpo_sd_loss_fn(CFG, grpo_opts(agg), div(top_k=None, alpha=alpha))
+  g_fn = grpo_loss.grpo_loss_fn(CFG, grpo_opts(agg))
   frozen = jax.tree.map(jnp.copy, params)
   sd_batch = {k: batch[k] for k in BASE_FIELDS}
   sd_batch["distill_mask"] = batch["distill_mask"] * active[:, None]

@@ -7,7 +7,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -74,6 +73,10 @@ def ofsd_block(**kw):
   return b
 
 
+def ofsd_opts(**kw):
+  return ofsd_phase.OfsdOptions.from_config(ofsd_block(**kw), TEMPLATE)
+
+
 @pytest.fixture(scope="module")
 def tok():
   return make_tokenizer(True, vocab_size=600, corpus=CORPUS)
@@ -120,7 +123,7 @@ def qwen2_forward(params, cfg, x):
 
 @pytest.fixture(scope="module")
 def buffer(cfg, tok, groups, params):
-  return ofsd_phase.build_buffer(params, cfg, groups, tok, ofsd_block(), template=TEMPLATE)
+  return ofsd_phase.build_buffer(params, cfg, groups, tok, ofsd_opts())
 
 
 def test_pairs_and_layouts(buffer, groups, tok):
@@ -163,7 +166,7 @@ def test_teacher_targets_on_a_mesh(buffer, cfg, tok, groups, params):
   mesh = shd.make_mesh(2, 2, 2)
   assert ofsd_phase.data_parallel_rows(2, mesh) == 4 and ofsd_phase.data_parallel_rows(5, None) == 5
   sharded = qwen2.shard_params(params, cfg, mesh)
-  b = ofsd_phase.build_buffer(sharded, cfg, groups, tok, ofsd_block(), template=TEMPLATE, mesh=mesh)
+  b = ofsd_phase.build_buffer(sharded, cfg, groups, tok, ofsd_opts(), mesh=mesh)
   np.testing.assert_array_equal(b.target_ids, buffer.target_ids)
   np.testing.assert_allclose(b.target_logprobs, buffer.target_logprobs, rtol=1e-5, atol=1e-6)
 
@@ -191,20 +194,20 @@ def test_make_batch_alignment(buffer):
 def test_full_vocab_buffer_and_loss_equal_topk_at_k_equal_vocab(cfg, tok, groups, params):
   """Full-vocabulary mode (targets recomputed from the snapshot) gives the same mean divergence as stored
   top-k targets with k = V (exact), evaluated with a different student."""
-  full = ofsd_phase.build_buffer(params, cfg, groups, tok, ofsd_block(top_k=None), template=TEMPLATE)
+  full = ofsd_phase.build_buffer(params, cfg, groups, tok, ofsd_opts(top_k=None))
   assert full.top_k == 0 and full.target_ids is None and full.num_pairs == 8
   batch = ofsd_phase.make_batch(full, [0, 5], rows=2)
   for r, i in enumerate([0, 5]):
     tp = batch["teacher_pos"][r]
     pos = np.nonzero(full.mask(i))[0]
     assert np.array_equal(batch["teacher_tokens"][r][tp[pos]], full.student(i)[pos])
-  exact = ofsd_phase.build_buffer(params, cfg, groups, tok, ofsd_block(top_k=cfg.vocab_size), template=TEMPLATE)
+  exact = ofsd_phase.build_buffer(params, cfg, groups, tok, ofsd_opts(top_k=cfg.vocab_size))
   student = jax.tree.map(lambda x: x * 4.0, params)
   div_full = ofsd_phase.mean_divergence(
-      student, full, ofsd_phase.make_eval_fn(ofsd_loss.ofsd_full_loss_fn(cfg, ofsd_block(top_k=None))), 4,
+      student, full, ofsd_phase.make_eval_fn(ofsd_loss.ofsd_full_loss_fn(cfg, ofsd_opts(top_k=None).divergence)), 4,
       ref_params=params)
   div_topk = ofsd_phase.mean_divergence(
-      student, exact, ofsd_phase.make_eval_fn(ofsd_loss.ofsd_topk_loss_fn(cfg, ofsd_block(top_k=cfg.vocab_size))), 4)
+      student, exact, ofsd_phase.make_eval_fn(ofsd_loss.ofsd_topk_loss_fn(cfg, ofsd_opts(top_k=cfg.vocab_size).divergence)), 4)
   assert div_full > 0.01
   np.testing.assert_allclose(div_full, div_topk, rtol=2e-4)
 
@@ -238,7 +241,7 @@ def test_buffer_round_trip_through_checkpoint(buffer, tmp_path):
 def test_empty_buffer_round_trip(cfg, tok, groups, params, tmp_path):
   """A phase where no question has a correct sibling: no pairs, and still a valid checkpoint item."""
   wrong = {q: g for q, g in groups.items() if "Atlantis" in q}
-  empty = ofsd_phase.build_buffer(params, cfg, wrong, tok, ofsd_block(), template=TEMPLATE)
+  empty = ofsd_phase.build_buffer(params, cfg, wrong, tok, ofsd_opts())
   assert empty.num_pairs == 0 and empty.target_ids.shape == (0, 8)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
   ckpt.save(0, {"step": np.int32(0)}, {}, extra=empty.to_numpy())
@@ -252,10 +255,10 @@ def test_empty_buffer_round_trip(cfg, tok, groups, params, tmp_path):
 
 
 def test_disk_storage(cfg, tok, groups, params, buffer, tmp_path):
-  block = ofsd_block(storage="disk")
+  opts = ofsd_opts(storage="disk")
   with pytest.raises(ValueError, match="work directory"):
-    ofsd_phase.build_buffer(params, cfg, groups, tok, block, template=TEMPLATE)
-  disk = ofsd_phase.build_buffer(params, cfg, groups, tok, block, template=TEMPLATE, workdir=str(tmp_path),
+    ofsd_phase.build_buffer(params, cfg, groups, tok, opts)
+  disk = ofsd_phase.build_buffer(params, cfg, groups, tok, opts, workdir=str(tmp_path),
                                  name="round_2")
   d = tmp_path / "ofsd" / "round_2"
   assert sorted(os.listdir(d)) == ["target_ids.npy", "target_logprobs.npy"]
@@ -305,8 +308,8 @@ def test_phase_metrics_by_hand(buffer, tok, groups):
 
 
 def test_all_siblings_mode(cfg, tok, groups, params):
-  b = ofsd_phase.build_buffer(params, cfg, groups, tok, ofsd_block(context_siblings="all", max_pairs_per_question=2,
-                                                                   top_k=None), template=TEMPLATE)
+  b = ofsd_phase.build_buffer(params, cfg, groups, tok, ofsd_opts(context_siblings="all", max_pairs_per_question=2,
+                                                                   top_k=None))
   assert b.pair_reference.tolist() == [-1] * 8
   assert b.pair_student.tolist() == [2, 0, 5, 3, 8, 6, 11, 9]  # wrong first, then correct by index, capped at 2
   prompt = tok.decode(b.teacher(0)[:b.teacher_prompt_len[0]].tolist())
@@ -316,8 +319,7 @@ def test_all_siblings_mode(cfg, tok, groups, params):
 def test_on_policy_sd_fields(tok, groups):
   trajs = [t for qid in list(groups)[:2] for t in groups[qid]] + groups[list(groups)[4]]
   batch = trajectory_lib.to_batch(trajs, np.zeros(len(trajs)))
-  block = ofsd_block(warmup_steps=5)
-  opts = ofsd_phase.OnPolicyOptions.from_config(block, TEMPLATE)
+  opts = ofsd_opts(warmup_steps=5)
   off = ofsd_phase.on_policy_sd_fields(trajs, batch, tok, opts, step=4, agg="token-mean")
   on = ofsd_phase.on_policy_sd_fields(trajs, batch, tok, opts, step=5, agg="token-mean")
   assert not off["sd_weight"].any()
@@ -425,8 +427,8 @@ def toy(cfg, tok, groups, params):
   policy, nll = pretrain(cfg, tok, params, groups)
   block = ofsd_block(epochs=6)
   block.optim.learning_rate = 3e-3
-  config = ml_collections.ConfigDict({"ofsd": block, "protocol": {"template": TEMPLATE}})
-  runner = ofsd_runner.PhaseRunner(cfg, config, shd.make_mesh(1, 1, 1), shd.DEFAULT_RULES, tok)
+  runner = ofsd_runner.PhaseRunner(cfg, ofsd_phase.OfsdOptions.from_config(block, TEMPLATE), shd.make_mesh(1, 1, 1),
+                                   shd.DEFAULT_RULES, tok)
   return policy, nll, block, runner
 
 
@@ -464,7 +466,7 @@ def test_resumed_phase_replays_identically(cfg, tok, groups, toy, tmp_path):
   the final params equal an uninterrupted run's."""
   policy, _, block, runner = toy
   step = runner.train
-  buf = ofsd_phase.build_buffer(policy, cfg, groups, tok, block, template=TEMPLATE)
+  buf = ofsd_phase.build_buffer(policy, cfg, groups, tok, runner.opts)
 
   def train(state, b, epoch, start=0):
     for batch in ofsd_phase.iterate_batches(b, epoch, block.batch_size, SEED, start=start):

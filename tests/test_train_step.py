@@ -93,6 +93,10 @@ def grpo_block(**kw):
   return c
 
 
+def grpo_opts(**kw):
+  return grpo_loss.GRPOOptions.from_config(grpo_block(**kw))
+
+
 def optim_block():
   c = optim_part.get()
   c.learning_rate = 1e-2
@@ -104,7 +108,7 @@ def optim_block():
 def build(mesh_shape=(1, 1, 1), **kw):
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = shd.make_mesh(*mesh_shape, devices=devices)
-  return steps.make_grpo_step(CFG, grpo_block(**kw), optim.make_optimizer(optim_block(), 10), mesh)
+  return steps.make_grpo_step(CFG, grpo_opts(**kw), optim.make_optimizer(optim_block(), 10), mesh)
 
 
 def rel_err(a, b):
@@ -224,7 +228,7 @@ def test_config_errors_name_the_field(model):
   with pytest.raises(ValueError, match="agg='mean'"):
     grpo_loss.GRPOOptions.from_config(grpo_block(agg="mean"))
   params, ref, batch, _ = model
-  loss_fn = grpo_loss.grpo_loss_fn(CFG, grpo_block())
+  loss_fn = grpo_loss.grpo_loss_fn(CFG, grpo_opts())
   bad = {k: v for k, v in batch.items() if k != "advantages"}
   with pytest.raises(ValueError, match="'advantages'"):
     loss_fn(params, bad, ref)
@@ -241,7 +245,7 @@ def test_config_errors_name_the_field(model):
 def test_grpo_loss_matches_numpy(model, agg):
   params, ref, batch, exact = model
   ref_logp = np_aligned_logprobs(ref, batch["tokens"], batch["attention_mask"])
-  loss_fn = jax.jit(grpo_loss.grpo_loss_fn(CFG, grpo_block(agg=agg, clip_eps=0.1, clip_eps_high=0.25)))
+  loss_fn = jax.jit(grpo_loss.grpo_loss_fn(CFG, grpo_opts(agg=agg, clip_eps=0.1, clip_eps_high=0.25)))
   loss_sum, denom, metrics = loss_fn(params, batch, ref)
   want = np_grpo_loss(exact, batch["old_logprobs"], ref_logp, batch["advantages"], batch["loss_mask"],
                       clip_lo=0.1, clip_hi=0.25, kl_coef=KL_COEF, agg=agg)
@@ -256,7 +260,7 @@ def test_grpo_loss_matches_numpy(model, agg):
 def test_grpo_gradient_matches_dense_formula(model):
   """Gradient of the chunked GRPO loss_fn == autodiff of a dense, full-logits formulation written here."""
   params, ref, batch, _ = model
-  loss_fn = grpo_loss.grpo_loss_fn(CFG, grpo_block(agg="token-mean"))
+  loss_fn = grpo_loss.grpo_loss_fn(CFG, grpo_opts(agg="token-mean"))
   ref_logp = jnp.asarray(np_aligned_logprobs(ref, batch["tokens"], batch["attention_mask"]), jnp.float32)
 
   def dense(p):

@@ -89,7 +89,7 @@ class GRPOOptions:
     return schema.build(cls, block, "grpo", "configs/parts/grpo.py")
 
 
-def grpo_loss_fn(cfg: qwen2.Qwen2Config, grpo_block) -> LossFn:
+def grpo_loss_fn(cfg: qwen2.Qwen2Config, o: GRPOOptions) -> LossFn:
   """The GRPO loss_fn for make_train_step (batch format in the module docstring).
 
   Policy log-probs come from the chunked path; old log-probs from batch['old_logprobs'] (the sampler's, or the
@@ -102,7 +102,6 @@ def grpo_loss_fn(cfg: qwen2.Qwen2Config, grpo_block) -> LossFn:
   r - 1 - log r with r = p_recomputed / p_sampler (a k3 estimate of KL(sampler || trainer)), tis_weight and
   tis_capped_frac (with tis_cap).
   """
-  o = GRPOOptions.from_config(grpo_block)
   fields = dict(BATCH_FIELDS, old_logprobs=2, advantages=1)
 
   def loss_fn(params, batch, ref_params):

@@ -185,14 +185,13 @@ def _metrics(div: jax.Array, mask: jax.Array, prefix: str = "") -> dict:
 # ----------------------------------------------------------------------------------------------- offline losses
 
 
-def ofsd_topk_loss_fn(cfg: qwen2.Qwen2Config, ofsd_block):
+def ofsd_topk_loss_fn(cfg: qwen2.Qwen2Config, o: DivergenceOptions):
   """OFFLINE loss from stored teacher top-k targets (batch: student fields + teacher_topk_ids/_logprobs).
 
   loss_sum = sum of the per-token divergence (top-k + tail bucket) over distilled tokens; denominator = their
   count. ref_params are not used. Metrics: distill_tokens, distill_sequences, divergence (mean per distilled
   token, nats), divergence_max.
   """
-  o = DivergenceOptions.from_config(ofsd_block)
   fields = dict(_STUDENT_FIELDS, teacher_topk_ids=3, teacher_topk_logprobs=3)
 
   def loss_fn(params, batch, ref_params):
@@ -209,11 +208,10 @@ def ofsd_topk_loss_fn(cfg: qwen2.Qwen2Config, ofsd_block):
   return loss_fn
 
 
-def ofsd_full_loss_fn(cfg: qwen2.Qwen2Config, ofsd_block):
+def ofsd_full_loss_fn(cfg: qwen2.Qwen2Config, o: DivergenceOptions):
   """OFFLINE loss over the full vocabulary, the teacher recomputed on the fly from ref_params (the round's frozen
   snapshot in TrainState.ref_params; build the step with with_ref_params=True). Batch: student + teacher fields.
   Same (sum, count) and metrics as ofsd_topk_loss_fn."""
-  o = DivergenceOptions.from_config(ofsd_block)
   fields = dict(_STUDENT_FIELDS, **_TEACHER_FIELDS)
 
   def loss_fn(params, batch, ref_params):
@@ -232,16 +230,15 @@ def ofsd_full_loss_fn(cfg: qwen2.Qwen2Config, ofsd_block):
   return loss_fn
 
 
-def ofsd_loss_fn(cfg: qwen2.Qwen2Config, ofsd_block):
-  """The offline loss the block asks for: top-k targets when ofsd.top_k >= 1, else the full on-the-fly loss."""
-  return (ofsd_topk_loss_fn if DivergenceOptions.from_config(ofsd_block).top_k else ofsd_full_loss_fn)(cfg,
-                                                                                                     ofsd_block)
+def ofsd_loss_fn(cfg: qwen2.Qwen2Config, o: DivergenceOptions):
+  """The offline loss the options ask for: top-k targets when top_k >= 1, else the full on-the-fly loss."""
+  return (ofsd_topk_loss_fn if o.top_k else ofsd_full_loss_fn)(cfg, o)
 
 
 # ----------------------------------------------------------------------------------------------- on-policy
 
 
-def grpo_sd_loss_fn(cfg: qwen2.Qwen2Config, grpo_block, ofsd_block):
+def grpo_sd_loss_fn(cfg: qwen2.Qwen2Config, grpo: grpo_loss.GRPOOptions, o: DivergenceOptions):
   """ON-POLICY loss L = L_GRPO + alpha * L_SD (batch: the GRPO batch + teacher fields, distill_mask, sd_weight).
 
   The GRPO part is `grpo_loss.grpo_loss_fn` unchanged (ref_params, if any, remain the KL reference). The SD teacher
@@ -252,8 +249,7 @@ def grpo_sd_loss_fn(cfg: qwen2.Qwen2Config, grpo_block, ofsd_block):
 
   Note: the student's forward pass runs twice (once inside grpo_loss_fn, once here).
   """
-  o = DivergenceOptions.from_config(ofsd_block)
-  grpo_fn = grpo_loss.grpo_loss_fn(cfg, grpo_block)
+  grpo_fn = grpo_loss.grpo_loss_fn(cfg, grpo)
   fields = dict(_STUDENT_FIELDS, **_TEACHER_FIELDS, sd_weight=1)
 
   def loss_fn(params, batch, ref_params):

@@ -3,7 +3,7 @@
 After a GRPO round the trainer (train/ofsd_runner.py) does:
 
   trajs  = rollouts of the round's policy on its training questions, ofsd.group_size per question
-  buffer = build_buffer(teacher_params, cfg, group_by_question(trajs), tokenizer, ofsd_block, ...)
+  buffer = build_buffer(teacher_params, cfg, group_by_question(trajs), tokenizer, opts, ...)
            per question group: pick the reference and its students (rl/pairs.py; groups without a correct sibling
            are skipped), build the teacher / student layouts (rl/privileged.py), and with ofsd.top_k >= 1 run ONE
            jitted teacher pass over all pairs (length-bucketed batches) keeping, for every distilled student
@@ -81,6 +81,28 @@ class PhaseOptions:
   @classmethod
   def from_config(cls, block) -> "PhaseOptions":
     return schema.build(cls, block, "ofsd", "configs/parts/ofsd.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class OfsdOptions:
+  """The `ofsd` block typed, built once at start-up (`from_config`) and passed to everything below.
+
+  optim: the student optimizer's sub-block, read by train.optim when the phase's step is built.
+  """
+  phase: PhaseOptions
+  divergence: ofsd_loss.DivergenceOptions
+  context: privileged.ContextOptions
+  group_size: int
+  questions_per_phase: int
+  optim: Any = None
+
+  @classmethod
+  def from_config(cls, ofsd_block, template: str = protocol.SEARCH_R1_TEMPLATE) -> "OfsdOptions":
+    return cls(phase=PhaseOptions.from_config(ofsd_block),
+               divergence=ofsd_loss.DivergenceOptions.from_config(ofsd_block),
+               context=privileged.ContextOptions.from_config(ofsd_block, template),
+               group_size=int(ofsd_block.group_size), questions_per_phase=int(ofsd_block.questions_per_phase),
+               optim=ofsd_block.get("optim"))
 
 
 # ----------------------------------------------------------------------------------------------- pairs
@@ -385,8 +407,8 @@ def compute_teacher_targets(teacher_params, cfg: qwen2.Qwen2Config, layouts: Seq
       out_logprobs[s:e] = lps[j, :e - s]
 
 
-def build_buffer(teacher_params, cfg: qwen2.Qwen2Config, trajectories_by_question, tokenizer, ofsd_block, *,
-                 template: str = protocol.SEARCH_R1_TEMPLATE, workdir: str | None = None, name: str = "phase",
+def build_buffer(teacher_params, cfg: qwen2.Qwen2Config, trajectories_by_question, tokenizer, opts: OfsdOptions,
+                 *, workdir: str | None = None, name: str = "phase",
                  logprob_dtype=np.float32, pad_to: int | Sequence[int] | None = None, mesh=None,
                  rules=shd.DEFAULT_RULES, check_prompt: bool = True) -> OfsdBuffer:
   """Select pairs, build their layouts and (top_k >= 1) compute the teacher targets once.
@@ -395,7 +417,8 @@ def build_buffer(teacher_params, cfg: qwen2.Qwen2Config, trajectories_by_questio
     teacher_params: the round's policy snapshot (only read here).
     cfg: the model config. trajectories_by_question: {question_id: siblings} (see group_by_question) or a list
       of sibling lists.
-    tokenizer: the rollout tokenizer. ofsd_block: the `ofsd` config block. template: protocol.template.
+    tokenizer: the rollout tokenizer. opts: the typed `ofsd` block (OfsdOptions.from_config(config.ofsd,
+      config.protocol.template)).
     workdir, name: storage='disk' writes WORKDIR/ofsd/NAME/target_{ids,logprobs}.npy.
     logprob_dtype: dtype of the stored log-probs (float32 default; see the module doc).
     pad_to: teacher-length buckets (None = powers of two). mesh / rules: shard the teacher batches over the
@@ -403,9 +426,7 @@ def build_buffer(teacher_params, cfg: qwen2.Qwen2Config, trajectories_by_questio
   Returns:
     the OfsdBuffer (possibly with 0 pairs).
   """
-  popts = PhaseOptions.from_config(ofsd_block)
-  dopts = ofsd_loss.DivergenceOptions.from_config(ofsd_block)
-  copts = privileged.ContextOptions.from_config(ofsd_block, template)
+  popts, dopts, copts = opts.phase, opts.divergence, opts.context
   groups = _as_groups(trajectories_by_question)
 
   layouts: list[privileged.PairLayout] = []
@@ -652,32 +673,19 @@ def phase_metrics(buffer: OfsdBuffer, *, divergence_before: float | None = None,
 # ----------------------------------------------------------------------------------------------- steps
 
 
-def max_updates_per_phase(ofsd_block) -> int:
+def max_updates_per_phase(opts: OfsdOptions) -> int:
   """An upper bound on the optimizer updates of one phase (for the student optimizer's schedule length)."""
-  popts = PhaseOptions.from_config(ofsd_block)
-  students = int(ofsd_block.group_size) - (1 if popts.context_siblings == "reference" else 0)
+  popts = opts.phase
+  students = opts.group_size - (1 if popts.context_siblings == "reference" else 0)
   if popts.max_pairs_per_question is not None:
     students = min(students, popts.max_pairs_per_question)
-  pairs = int(ofsd_block.questions_per_phase) * max(students, 1)
+  pairs = opts.questions_per_phase * max(students, 1)
   return popts.epochs * max(1, math.ceil(pairs / popts.batch_size))
 
 
-@dataclasses.dataclass(frozen=True)
-class OnPolicyOptions:
-  """What the on-policy variant needs from the `ofsd` block, parsed once (the trainer builds it at start-up)."""
-  phase: PhaseOptions
-  divergence: ofsd_loss.DivergenceOptions
-  context: privileged.ContextOptions
-
-  @classmethod
-  def from_config(cls, ofsd_block, template: str = protocol.SEARCH_R1_TEMPLATE) -> "OnPolicyOptions":
-    return cls(phase=PhaseOptions.from_config(ofsd_block),
-               divergence=ofsd_loss.DivergenceOptions.from_config(ofsd_block),
-               context=privileged.ContextOptions.from_config(ofsd_block, template))
-
 
 def on_policy_sd_fields(trajectories: Sequence[Trajectory], batch: Mapping[str, np.ndarray], tokenizer,
-                        opts: OnPolicyOptions, *, step: int, agg: str, pad_to: int | Sequence[int] | None = None,
+                        opts: OfsdOptions, *, step: int, agg: str, pad_to: int | Sequence[int] | None = None,
                         check_prompt: bool = True) -> dict[str, np.ndarray]:
   """The SD fields of a GRPO batch (rows = `trajectories` in the order of trajectory.to_batch).
 

@@ -45,7 +45,7 @@ from searche1_jax.data import qa
 from searche1_jax.models import hf
 from searche1_jax.retrieval import make_retriever
 from searche1_jax.rl import grpo as grpo_math
-from searche1_jax.rl import grpo_loss, ofsd_phase
+from searche1_jax.rl import grpo_loss, ofsd_loss, ofsd_phase
 from searche1_jax.train import checkpoint as checkpoint_lib
 from searche1_jax.train import evaluation
 from searche1_jax.train import metrics as metrics_lib
@@ -218,10 +218,16 @@ class Trainer:
     # At least 1: with grpo_steps_per_round = 0 (OFSD phases only) the GRPO schedule exists but is never stepped.
     total_updates = max(int(t.num_rounds) * int(t.grpo_steps_per_round) * self.updates_per_step, 1)
     self.grpo_tx = optim.make_optimizer(config.optim, total_updates)
+    # The config's blocks, typed once (config_utils validated them); the steps below take these objects.
+    grpo_options = grpo_loss.GRPOOptions.from_config(config.grpo)
+    ofsd_options = (ofsd_phase.OfsdOptions.from_config(config.ofsd, config.protocol.template)
+                    if bool(config.ofsd.enabled) else None)
+    self.ofsd_options = ofsd_options if ofsd_options and config.ofsd.mode == "offline" else None
     # The on-policy OFSD variant replaces the GRPO loss with L_GRPO + alpha * L_SD (rl/ofsd_loss.py).
-    self.on_policy = ofsd_runner.on_policy_options(config)
-    loss_kw = {"loss_fn": ofsd_runner.on_policy_loss_fn(self.model_cfg, config)} if self.on_policy else {}
-    self.grpo = steps.make_grpo_step(self.model_cfg, config.grpo, self.grpo_tx, self.mesh, rules=self.rules,
+    self.on_policy = ofsd_options if ofsd_options and config.ofsd.mode == "on_policy" else None
+    loss_kw = ({"loss_fn": ofsd_loss.grpo_sd_loss_fn(self.model_cfg, grpo_options, self.on_policy.divergence)}
+               if self.on_policy else {})
+    self.grpo = steps.make_grpo_step(self.model_cfg, grpo_options, self.grpo_tx, self.mesh, rules=self.rules,
                                      lr_schedule=optim.make_schedule(config.optim, total_updates), **loss_kw)
     o = self.grpo.options
     # Zero-advantage rows add nothing to the loss or its gradient without a KL term: the learner skips them (the
@@ -235,7 +241,7 @@ class Trainer:
     # 'precompute' reference mode: the frozen reference lives outside the train state (on the host if asked).
     self.ref_params = (self.grpo.place_ref_params(self.init_params)
                        if o.uses_ref and o.ref_logprobs == "precompute" else None)
-    self.ofsd_enabled = bool(config.ofsd.enabled) and config.ofsd.mode == "offline"
+    self.ofsd_enabled = self.ofsd_options is not None
     self._ofsd = None  # built lazily (its own step and optimizer)
 
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
@@ -444,8 +450,8 @@ class Trainer:
 
   def _ofsd_runner(self):
     if self._ofsd is None:
-      self._ofsd = ofsd_runner.PhaseRunner(self.model_cfg, self.config, self.mesh, self.rules, self.tokenizer,
-                                           pad_id=self.pad_id)
+      self._ofsd = ofsd_runner.PhaseRunner(self.model_cfg, self.ofsd_options, self.mesh, self.rules,
+                                           self.tokenizer)
       self._ofsd.workdir = self.workdir  # ofsd.storage='disk' keeps targets under WORKDIR/ofsd/
     return self._ofsd
 

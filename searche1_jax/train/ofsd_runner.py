@@ -1,8 +1,9 @@
-"""The trainer's side of OFSD: one phase as resumable steps, and the on-policy variant's step and batch fields.
+"""The trainer's side of the offline OFSD phase: one phase as resumable steps.
 
 `searche1_jax.rl.ofsd_phase` has the pieces (pairs, layouts, teacher targets, batches, metrics); this module
 drives them from the round loop so that a phase can stop after any update and continue identically:
 
+  runner = PhaseRunner(model_cfg, ofsd_phase.OfsdOptions.from_config(config.ofsd, template), mesh, rules, tok)
   carry = runner.start(params, trajectories)     # buffer + targets (once), fresh student optimizer, divergence
   for s in range(carry.num_steps()):             # epochs x batches, in a seeded order per epoch
       state, metrics = runner.step(state, carry, s, seed)
@@ -27,17 +28,15 @@ from searche1_jax.train import optim
 from searche1_jax.train import steps
 
 
-def make_ofsd_step(cfg: qwen2.Qwen2Config, ofsd_block, mesh, *, total_steps: int | None = None,
+def make_ofsd_step(cfg: qwen2.Qwen2Config, opts: ofsd_phase.OfsdOptions, mesh, *, total_steps: int | None = None,
                    rules=shd.DEFAULT_RULES, donate: bool = True) -> steps.TrainStep:
-  """The student train step of the offline phase: ofsd_loss_fn for the block, the block's own optimizer
+  """The student train step of the offline phase: ofsd_loss_fn for the options, the student's own optimizer
   (ofsd.optim), ofsd.num_microbatches, and the teacher snapshot in ref_params in full-vocabulary mode."""
-  popts = ofsd_phase.PhaseOptions.from_config(ofsd_block)
-  dopts = ofsd_loss.DivergenceOptions.from_config(ofsd_block)
-  total = total_steps or ofsd_phase.max_updates_per_phase(ofsd_block)
-  tx = optim.make_optimizer(ofsd_block.optim, total)
-  return steps.model_train_step(cfg, ofsd_loss.ofsd_loss_fn(cfg, ofsd_block), tx, mesh, rules,
-                                num_microbatches=popts.num_microbatches, with_ref_params=not dopts.top_k,
-                                lr_schedule=optim.make_schedule(ofsd_block.optim, total), donate=donate)
+  total = total_steps or ofsd_phase.max_updates_per_phase(opts)
+  tx = optim.make_optimizer(opts.optim, total)
+  return steps.model_train_step(cfg, ofsd_loss.ofsd_loss_fn(cfg, opts.divergence), tx, mesh, rules,
+                                num_microbatches=opts.phase.num_microbatches, with_ref_params=not opts.divergence.top_k,
+                                lr_schedule=optim.make_schedule(opts.optim, total), donate=donate)
 
 
 @dataclasses.dataclass
@@ -81,20 +80,18 @@ class PhaseCarry:
 class PhaseRunner:
   """Builds the student step once; runs any number of phases."""
 
-  def __init__(self, model_cfg, config, mesh, rules, tokenizer, *, pad_id: int = 0):
+  def __init__(self, model_cfg, opts: ofsd_phase.OfsdOptions, mesh, rules, tokenizer):
     self.cfg = model_cfg
-    self.block = config.ofsd
-    self.template = config.protocol.template
+    self.opts = opts
     self.tokenizer = tokenizer
     self.workdir = None
-    self.train = make_ofsd_step(model_cfg, self.block, mesh, rules=rules)
-    self.full = not ofsd_loss.DivergenceOptions.from_config(self.block).top_k
-    self.eval_fn = ofsd_phase.make_eval_fn(ofsd_loss.ofsd_loss_fn(model_cfg, self.block))
-    popts = ofsd_phase.PhaseOptions.from_config(self.block)
-    self.rows = ofsd_phase.data_parallel_rows(popts.micro_batch_size, mesh, rules)
-    self.batch_size = popts.batch_size
-    self.epochs = popts.epochs
-    del pad_id  # batches pad with token 0 under a zero attention mask; the id never reaches a loss
+    self.train = make_ofsd_step(model_cfg, opts, mesh, rules=rules)
+    self.full = not opts.divergence.top_k
+    self.eval_fn = ofsd_phase.make_eval_fn(ofsd_loss.ofsd_loss_fn(model_cfg, opts.divergence))
+    # Batches pad with token 0 under a zero attention mask; the pad id never reaches a loss.
+    self.rows = ofsd_phase.data_parallel_rows(opts.phase.micro_batch_size, mesh, rules)
+    self.batch_size = opts.phase.batch_size
+    self.epochs = opts.phase.epochs
 
   def empty_carry(self, params) -> PhaseCarry:
     """A carry with the right structure and shardings (the restore target of a mid-phase checkpoint)."""
@@ -108,8 +105,8 @@ class PhaseRunner:
     carry = self.empty_carry(params)  # the teacher copy (full mode) is taken before any update
     teacher = carry.teacher if self.full else params
     carry.buffer = ofsd_phase.build_buffer(
-        teacher, self.cfg, ofsd_phase.group_by_question(trajectories), self.tokenizer, self.block,
-        template=self.template, workdir=self.workdir, name=name, mesh=self.train.mesh, rules=self.train.rules)
+        teacher, self.cfg, ofsd_phase.group_by_question(trajectories), self.tokenizer, self.opts,
+        workdir=self.workdir, name=name, mesh=self.train.mesh, rules=self.train.rules)
     carry.divergence_before = self.divergence(params, carry)
     return carry
 
@@ -139,17 +136,3 @@ class PhaseRunner:
     m["updates"] = float(carry.num_steps())
     return m
 
-
-# ----------------------------------------------------------------------------------------------- on-policy
-
-def on_policy_options(config) -> ofsd_phase.OnPolicyOptions | None:
-  """The parsed options of the on-policy variant (ofsd.enabled and ofsd.mode == 'on_policy'), else None."""
-  c = config.ofsd
-  if not (bool(c.enabled) and c.mode == "on_policy"):
-    return None
-  return ofsd_phase.OnPolicyOptions.from_config(c, config.protocol.template)
-
-
-def on_policy_loss_fn(model_cfg, config):
-  """The learner loss of the on-policy variant, L_GRPO + alpha * L_SD (make_grpo_step's loss_fn)."""
-  return ofsd_loss.grpo_sd_loss_fn(model_cfg, config.grpo, config.ofsd)

@@ -374,18 +374,18 @@ class GRPOStep:
     return self.train(state, self.prepare_batch(state, batch, ref_params))
 
 
-def make_grpo_step(cfg: qwen2.Qwen2Config, grpo_block, tx: optax.GradientTransformation, mesh: Mesh, *,
+def make_grpo_step(cfg: qwen2.Qwen2Config, o: grpo_loss.GRPOOptions, tx: optax.GradientTransformation, mesh: Mesh, *,
                    rules=shd.DEFAULT_RULES, lr_schedule: Callable | None = None, donate: bool = True,
                    loss_fn: LossFn | None = None) -> GRPOStep:
   """Wire grpo_loss_fn, the optimizer `tx` and the log-prob passes for a Qwen2 policy on `mesh`.
 
-  loss_fn: replaces grpo_loss_fn(cfg, grpo_block) (e.g. GRPO plus an extra term on the same batch); the
-  old / reference log-prob modes of grpo_block still decide what prepare_batch adds and whether the state holds
+  o: the typed `grpo` block (grpo_loss.GRPOOptions.from_config(config.grpo)).
+  loss_fn: replaces grpo_loss_fn(cfg, o) (e.g. GRPO plus an extra term on the same batch); the
+  old / reference log-prob modes of `o` still decide what prepare_batch adds and whether the state holds
   reference params.
   """
-  o = grpo_loss.GRPOOptions.from_config(grpo_block)
   in_step_ref = o.uses_ref and o.ref_logprobs == "in_step"
-  loss_fn = grpo_loss.grpo_loss_fn(cfg, grpo_block) if loss_fn is None else loss_fn
+  loss_fn = grpo_loss.grpo_loss_fn(cfg, o) if loss_fn is None else loss_fn
   train = model_train_step(cfg, loss_fn, tx, mesh, rules,
                            num_microbatches=o.num_microbatches, with_ref_params=in_step_ref,
                            lr_schedule=lr_schedule, donate=donate)
