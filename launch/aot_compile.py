@@ -1,0 +1,78 @@
+r"""Compile every jitted program of a run for a TPU topology on this machine (no TPU needed), and size it.
+
+  python -m launch.aot_compile --config configs/search_e1.py:model=3b,mesh=v5p-8 --topology v5p-8 \
+      [--json OUT.json] [--only grpo_step,rollout_decode] [--config.F=V ...]
+
+Needs the tpu extra (`pip install -e '.[tpu]'`: libtpu, ~700 MB), which compiles for a topology description
+without the chips. Builds the config's mesh over the topology's devices (a mesh that does not match is an
+error), then lowers and compiles, from abstract sharded inputs at the config's largest shapes (nothing is
+allocated), every program the run executes (searche1_jax/train/aot.py lists them). Prints one table row per
+program: per-chip argument / output / temporary / aliased (donated) / peak GiB, the chip's HBM, fits, a
+roofline estimate of its seconds (analytic FLOPs and minimal HBM bytes; an estimate, not a measurement),
+compile seconds and the collectives in the compiled HLO. --json writes the same rows with the chip's
+specification. Exit status 1 when a program does not fit, 2 for a bad config or topology.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from launch import train as train_launch
+from searche1_jax import config_utils
+from searche1_jax.train import aot
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<exp>.py[:args]).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, f"Topology name: one of {sorted(aot.TOPOLOGIES)}.")
+_JSON = flags.DEFINE_string("json", None, "Write the table as JSON to this path.")
+_ONLY = flags.DEFINE_list("only", [], "Compile only these programs (names as in the table).")
+
+
+def _fail(message: str) -> None:
+  print(f"launch/aot_compile.py: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def compile_run(config, topology_name: str, only=()) -> dict:
+  """The JSON document of the tool: topology, chip and one row per compiled program. The config is validated
+  against the topology's device count first (all bad fields in one ConfigError)."""
+  topo = aot.topology(topology_name)
+  config = config_utils.validate_config(config, num_devices=len(topo.devices))
+  mesh, rules = aot.run_mesh(config, topo.devices)
+  programs = aot.run_programs(config, mesh, rules)
+  if only:
+    unknown = sorted(set(only) - {p.name for p in programs})
+    if unknown:
+      raise ValueError(f"--only {unknown}: not programs of this run; known: {[p.name for p in programs]}")
+    programs = [p for p in programs if p.name in only]
+  rows = []
+  for p in programs:
+    rows.append(aot.compile_program(p, topo.chip))
+    print(f"compiled {p.name} ({p.shapes}) in {rows[-1]['compile_s']:.1f} s", file=sys.stderr, flush=True)
+  return {"topology": topo.name, "devices": len(topo.devices), "processes": topo.num_processes,
+          "mesh": dict(mesh.shape), "chip": topo.chip.as_dict(), "programs": rows}
+
+
+def main(argv) -> None:
+  del argv
+  if _CONFIG.value is None or _TOPOLOGY.value is None:
+    _fail("--config and --topology are required")
+  try:
+    doc = compile_run(_CONFIG.value, _TOPOLOGY.value, tuple(_ONLY.value))
+  except (config_utils.ConfigError, ValueError, RuntimeError) as e:
+    _fail(str(e))
+  print(f"{doc['topology']}: {doc['devices']} chips ({doc['chip']['name']}, "
+        f"{doc['chip']['hbm_bytes'] / aot.GIB:.1f} GiB HBM each), {doc['processes']} process(es), mesh {doc['mesh']}")
+  print(aot.format_table(doc["programs"]))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(doc, f, indent=2)
+  if not all(r["fits"] for r in doc["programs"]):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=train_launch.parse_flags)

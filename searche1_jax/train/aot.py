@@ -1,0 +1,471 @@
+"""Ahead-of-time compilation of a run's jitted programs for a device topology, and what each costs per chip.
+
+    topo = topology("v5p-8")                                   # compile-only TPU devices (needs libtpu)
+    mesh, rules = run_mesh(config, topo.devices)               # the config's mesh over those devices
+    for program in run_programs(config, mesh, rules):          # abstract sharded inputs: nothing is allocated
+      row = compile_program(program, topo.chip)                # memory, collectives, roofline estimate
+
+Every program is the object the trainer runs (the sampler's `engine.Programs`, `steps.GRPOStep`, the OFSD
+teacher pass and student step), lowered at the largest shapes the config implies (`RunShapes`). Per program
+`compile_program` reports XLA's per-chip memory analysis (arguments, outputs, temporaries, aliased = donated
+bytes, and the peak = arguments + outputs - aliased + temporaries), the collectives in the compiled HLO and a
+roofline ESTIMATE from analytic FLOPs and minimal HBM bytes (`cost_analysis()` counts a scanned layer body once,
+so its numbers are not the program's).
+
+Chip specifications (`CHIPS`) are data with their source; `TOPOLOGIES` maps the names researchers use (`v4-8`,
+`v5p-8`, `v5e-16`, ...) to libtpu's topology descriptions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+
+from searche1_jax import sharding as shd
+from searche1_jax.agent import trajectory as trajectory_lib
+from searche1_jax.models import hf, qwen2
+from searche1_jax.rl import grpo_loss, ofsd_loss, ofsd_phase
+from searche1_jax.sampling import engine
+from searche1_jax.sampling import options as sampling_options
+from searche1_jax.train import ofsd_runner, optim, steps
+from searche1_jax.train.state import TrainState
+
+GIB = 1024 ** 3
+
+
+# ----------------------------------------------------------------------------------------------- chips
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU chip: HBM bytes, peak bf16 FLOP/s, HBM bytes/s, bidirectional ICI bytes/s (None: not published
+  on the source page), and where the numbers come from."""
+  name: str
+  hbm_bytes: int
+  bf16_flops: float
+  hbm_bandwidth: float
+  ici_bandwidth: float | None
+  source: str
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", 32 * GIB, 275e12, 1200e9, None, "https://cloud.google.com/tpu/docs/v4 (key specifications)"),
+    "v5e": Chip("v5e", 16 * 10 ** 9, 197e12, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("v6e", 32 * 10 ** 9, 918e12, 1638e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TopologySpec:
+  """A researcher's topology name and how libtpu describes it (megacore: one JAX device per v4 / v5p chip)."""
+  chip: str
+  libtpu_name: str
+  chip_config: str
+  chips_per_host: tuple[int, int, int]
+
+
+TOPOLOGIES: dict[str, TopologySpec] = {
+    "v4-8": TopologySpec("v4", "v4:2x2x1", "megacore", (2, 2, 1)),
+    "v4-16": TopologySpec("v4", "v4:2x2x2", "megacore", (2, 2, 1)),
+    "v5p-8": TopologySpec("v5p", "v5p:2x2x1", "megacore", (2, 2, 1)),
+    "v5p-16": TopologySpec("v5p", "v5p:2x2x2", "megacore", (2, 2, 1)),
+    "v5e-4": TopologySpec("v5e", "v5e:2x2", "default", (2, 2, 1)),
+    "v5e-8": TopologySpec("v5e", "v5e:2x4", "default", (2, 4, 1)),
+    "v5e-16": TopologySpec("v5e", "v5e:4x4", "default", (2, 2, 1)),
+    "v6e-8": TopologySpec("v6e", "v6e:2x4", "default", (2, 4, 1)),
+    "v6e-16": TopologySpec("v6e", "v6e:4x4", "default", (2, 2, 1)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str
+  chip: Chip
+  devices: tuple
+  num_processes: int
+
+
+def topology(name: str) -> Topology:
+  """Compile-only devices of a named topology (TOPOLOGIES). Needs libtpu (`pip install -e '.[tpu]'`); no TPU."""
+  if name not in TOPOLOGIES:
+    raise ValueError(f"--topology {name!r}: unknown; known: {sorted(TOPOLOGIES)}")
+  spec = TOPOLOGIES[name]
+  # Off a TPU VM libtpu cannot query the VM's metadata; naming the accelerator keeps it from warning about it.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compile-only use holds no chip: let several processes (test workers, a subprocess) load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    desc = topologies.get_topology_desc(topology_name=spec.libtpu_name, platform="tpu",
+                                        chip_config_name=spec.chip_config, chips_per_host_bounds=spec.chips_per_host,
+                                        num_slices=1)
+  except (RuntimeError, ValueError) as e:
+    raise RuntimeError(f"--topology {name}: libtpu could not describe {spec.libtpu_name} ({e}); is the tpu extra "
+                       "installed (pip install -e '.[tpu]')?") from e
+  devices = tuple(desc.devices)
+  return Topology(name, CHIPS[spec.chip], devices, len({d.process_index for d in devices}))
+
+
+def run_mesh(config, devices: Sequence) -> tuple[jax.sharding.Mesh, tuple]:
+  """The config's ('data', 'fsdp', 'tensor') mesh over `devices`; a size that does not match is one error."""
+  block = config.mesh
+  sizes = (int(block.data), int(block.fsdp), int(block.tensor))
+  known = math.prod(s for s in sizes if s != -1)
+  if (-1 not in sizes and known != len(devices)) or (-1 in sizes and len(devices) % known):
+    raise ValueError(f"mesh.(data, fsdp, tensor)={sizes} does not fit the topology's {len(devices)} devices; "
+                     "pick the config's mesh preset for this topology (e.g. mesh=v5e-16) or set one axis to -1")
+  rules = shd.rules_from_config(block.rules) if block.get("rules") else shd.DEFAULT_RULES
+  return shd.make_mesh(*sizes, devices=list(devices)), tuple(rules)
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+
+
+def model_config(block) -> qwen2.Qwen2Config:
+  """The model's shape and numerics, without weights: the checkpoint's config.json when hf_dir holds one,
+  else the preset (a paper config's hf_dir names the same shapes as its preset)."""
+  path = os.path.join(block.hf_dir, hf.CONFIG_FILE) if block.hf_dir else ""
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      cfg = hf.config_from_hf(json.load(f))
+    return cfg.replace(dtype=block.dtype, param_dtype=block.param_dtype, remat=block.remat)
+  return qwen2.config_from_block(block)
+
+
+def _pow2(n: int) -> int:
+  return trajectory_lib.bucket_length(max(int(n), 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShapes:
+  """The largest shapes a run's programs see (rows, tokens), derived from the config as the trainer does.
+
+  rollout_rows: the sampler batch bucket of one GRPO rollout (prompts_per_step x group_size, or the OFSD
+    phase's questions x ofsd.group_size when larger). eval_rows: rollout.eval.batch_size. cache: the physical
+    KV-cache length at protocol.max_prompt_length. extend: the longest prefill / extend program (max_extend).
+  learner_rows: rows of one GRPO update (mini_batch_prompts x group_size); logprob_rows: the whole rollout batch
+    (old log-probs are recomputed once for it). seq: a trajectory's bucketed length (max_prompt_length);
+    targets: packed scored positions per row (bounded by the policy tokens of max_turns + 1 turns).
+  teacher_seq: a privileged teacher sequence (the student's plus a sibling's body: <= 2 x max_prompt_length).
+  """
+  rollout_rows: int
+  eval_rows: int
+  cache: int
+  extend: int
+  decode_steps: int
+  learner_rows: int
+  logprob_rows: int
+  seq: int
+  targets: int
+  teacher_seq: int
+  ofsd_rows: int
+  ofsd_micro_rows: int
+
+  @classmethod
+  def from_config(cls, config, mesh) -> "RunShapes":
+    s = sampling_options.SamplerOptions.from_config(config.sampling)
+    t, p, g = config.train, config.protocol, int(config.grpo.group_size)
+    dp = shd.data_parallel_size(mesh)
+    rows = int(t.prompts_per_step) * g
+    if bool(config.ofsd.enabled):
+      rows = max(rows, int(config.ofsd.questions_per_phase) * int(config.ofsd.group_size))
+    batch = lambda n: sampling_options.bucket(n, s.batch_buckets, max(s.min_batch, dp), "sampling.batch_buckets")
+    seq = _pow2(int(p.max_prompt_length))
+    # Learner batches are padded to a multiple of micro-batches x data-parallel size, as the trainer pads them.
+    grpo_multiple = int(config.grpo.num_microbatches) * dp
+    up = lambda n, m: -(-int(n) // m) * m
+    ofsd_micro = int(config.ofsd.num_microbatches)
+    ofsd_rows = up(config.ofsd.batch_size, ofsd_micro * dp)
+    micro = ofsd_phase.data_parallel_rows(ofsd_rows // ofsd_micro, mesh)
+    return cls(
+        rollout_rows=batch(rows), eval_rows=batch(int(config.rollout.eval.batch_size)),
+        cache=sampling_options.bucket(int(p.max_prompt_length), s.cache_buckets, s.min_cache, "sampling.cache_buckets"),
+        extend=sampling_options.bucket(min(s.max_extend, int(p.max_start_length)), s.length_buckets, s.min_length,
+                                       "sampling.length_buckets"),
+        decode_steps=int(s.decode_chunk), learner_rows=up(int(t.mini_batch_prompts) * g, grpo_multiple),
+        logprob_rows=up(int(t.prompts_per_step) * g, grpo_multiple), seq=seq,
+        targets=min(seq, _pow2((int(p.max_turns) + 1) * int(p.max_response_length))), teacher_seq=_pow2(2 * seq),
+        ofsd_rows=ofsd_rows, ofsd_micro_rows=micro)
+
+
+# ----------------------------------------------------------------------------------------------- programs
+
+
+@dataclasses.dataclass
+class Program:
+  """A jitted function, its abstract (sharded) arguments, and analytic FLOPs / minimal HBM bytes per chip."""
+  name: str
+  fn: Callable
+  args: tuple
+  kwargs: dict
+  flops: float
+  hbm_bytes: float
+  shapes: str
+
+
+def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def _abstract_params(cfg, mesh, rules):
+  abstract = jax.eval_shape(functools.partial(qwen2.init_params, cfg), jax.random.key(0))
+  shardings = qwen2.param_shardings(cfg, mesh, rules, abstract)
+  return jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract, shardings)
+
+
+def matmul_params(cfg: qwen2.Qwen2Config) -> tuple[int, int]:
+  """(decoder-layer matmul weights, head weights): the FLOP-carrying parameters of one token's forward pass."""
+  d, hd = cfg.hidden_size, cfg.head_dim
+  attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
+  mlp = 3 * d * cfg.intermediate_size
+  return cfg.num_layers * (attn + mlp), d * cfg.vocab_size
+
+
+def forward_flops(cfg: qwen2.Qwen2Config, tokens: float, context: float, head_tokens: float | None = None) -> float:
+  """Analytic FLOPs of a forward pass over `tokens` query tokens that each attend to `context` keys (QK^T and
+  PV: 4 x layers x heads x head_dim per key), the head projecting `head_tokens` (default: all) positions."""
+  layers, head = matmul_params(cfg)
+  head_tokens = tokens if head_tokens is None else head_tokens
+  attention = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * tokens * context
+  return 2.0 * layers * tokens + 2.0 * head * head_tokens + attention
+
+
+def _param_count(cfg) -> int:
+  abstract = jax.eval_shape(functools.partial(qwen2.init_params, cfg), jax.random.key(0))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+
+
+def _batch_sds(mesh, rules, fields: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
+  return {k: _sds(shape, dtype, shd.batch_sharding(mesh, len(shape), rules)) for k, (shape, dtype) in fields.items()}
+
+
+def _train_state_sds(train: steps.TrainStep, cfg, mesh, rules, with_ref: bool) -> TrainState:
+  params = _abstract_params(cfg, mesh, rules)
+  opt = jax.eval_shape(train.tx.init, params)
+  opt = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), opt, train.state_shardings.opt_state)
+  return TrainState(params=params, opt_state=opt, step=_sds((), jnp.int32, shd.replicated(mesh)),
+                    ref_params=params if with_ref else None)
+
+
+def _train_bytes(n_params: int, param_bytes: int, chips: int, weight_reads: float) -> float:
+  """Minimal HBM traffic of an optimizer update per chip: params, gradients and Adam moments read and written
+  once on this chip's shard (fsdp), plus the gathered compute-dtype weights read `weight_reads` times."""
+  state = n_params * (param_bytes * 2 + 4 * 2 + 8 * 2) / chips
+  return state + weight_reads * n_params * 2
+
+
+def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Program]:
+  prog = engine.programs(cfg, mesh, tuple(rules))
+  s = sampling_options.SamplerOptions.from_config(config.sampling)
+  params = _abstract_params(cfg, mesh, rules)
+  n_params, chips = _param_count(cfg), mesh.size
+  p_bytes = jnp.dtype(cfg.param_dtype).itemsize
+  out = []
+
+  def state(rows):
+    cache = jax.eval_shape(lambda: qwen2.init_cache(cfg, rows, shapes.cache))
+    k = tuple(_sds(x.shape, x.dtype, shd.named_sharding(mesh, x.shape, qwen2.CACHE_K_AXES, rules)) for x in cache.k)
+    v = tuple(_sds(x.shape, x.dtype, shd.named_sharding(mesh, x.shape, qwen2.CACHE_V_AXES, rules)) for x in cache.v)
+    hidden = _sds((rows, cfg.hidden_size), cfg.dtype, shd.named_sharding(mesh, (rows, cfg.hidden_size),
+                                                                        ("batch", None), rules))
+    cache_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in cache.k + cache.v)
+    return qwen2.KVCache(k, v), hidden, cache_bytes
+
+  def rowvec(rows, dtype, *more):
+    shape = (rows,) + tuple(more)
+    return _sds(shape, dtype, shd.named_sharding(mesh, shape, ("batch",) + (None,) * len(more), rules))
+
+  rep = shd.replicated(mesh)
+  rows = shapes.rollout_rows
+  cache, hidden, cache_bytes = state(rows)
+  tokens = rows * shapes.extend
+  out.append(Program(
+      "rollout_prefill", prog.extend,
+      (params, cache, hidden, rowvec(rows, jnp.int32, shapes.extend), rowvec(rows, jnp.int32),
+       rowvec(rows, jnp.int32)), {},
+      flops=forward_flops(cfg, tokens, shapes.cache, head_tokens=0) / chips,
+      hbm_bytes=n_params * p_bytes + 2 * cache_bytes / chips,
+      shapes=f"{rows} rows x {shapes.extend} tokens, cache {shapes.cache}"))
+
+  width, slots, eos = s.stop_width, max(s.stop_slots, 64), s.eos_slots
+  for name, rows, greedy in (("rollout_decode", shapes.rollout_rows, False), ("eval_decode", shapes.eval_rows, True)):
+    cache, hidden, cache_bytes = state(rows)
+    args = (params, cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32), rowvec(rows, jnp.bool_),
+            rowvec(rows, jnp.int32), rowvec(rows, jnp.int32, width), _sds((slots, width), jnp.int32, rep),
+            _sds((slots,), jnp.bool_, rep), _sds((eos,), jnp.int32, rep), _sds((), jnp.int32, rep),
+            _sds((), jnp.int32, rep), _sds((), jnp.float32, rep), _sds((), jnp.float32, rep))
+    kwargs = dict(greedy=greedy, top_k=int(config.sampling.top_k), use_top_p=float(config.sampling.top_p) < 1.0,
+                  steps=shapes.decode_steps)
+    steps_ = shapes.decode_steps
+    out.append(Program(
+        name, prog.decode, args, kwargs,
+        flops=steps_ * forward_flops(cfg, rows, shapes.cache) / chips,
+        hbm_bytes=steps_ * (n_params * p_bytes + cache_bytes / chips),
+        shapes=f"{rows} rows, cache {shapes.cache}, {steps_} steps"))
+  return out
+
+
+def _grpo_programs(cfg, config, shapes: RunShapes, mesh, rules, on_policy) -> list[Program]:
+  grpo = grpo_loss.GRPOOptions.from_config(config.grpo)
+  tx = optim.make_optimizer(config.optim, 1000)
+  loss_fn = ofsd_loss.grpo_sd_loss_fn(cfg, grpo, on_policy.divergence) if on_policy else None
+  step = steps.make_grpo_step(cfg, grpo, tx, mesh, rules=rules, loss_fn=loss_fn)
+  in_step_ref = grpo.uses_ref and grpo.ref_logprobs == "in_step"
+  b, t, k = shapes.learner_rows, shapes.seq, shapes.targets
+  fields = {"tokens": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.int32),
+            "old_logprobs": ((b, t), jnp.float32), "advantages": ((b,), jnp.float32),
+            "target_index": ((b, k), jnp.int32), "target_valid": ((b, k), jnp.int32)}
+  if grpo.old_logprobs == "recompute":
+    fields["sampler_logprobs"] = ((b, t), jnp.float32)
+  if grpo.uses_ref and grpo.ref_logprobs == "precompute":
+    fields["ref_logprobs"] = ((b, t), jnp.float32)
+  passes = 4.0 if cfg.remat == "full" else 3.0  # forward, backward (2x), and the remat forward
+  flops = passes * forward_flops(cfg, b * t, t / 2, head_tokens=b * k)
+  if on_policy:
+    tt = shapes.teacher_seq
+    fields.update(teacher_tokens=((b, tt), jnp.int32), teacher_attention_mask=((b, tt), jnp.int32),
+                  teacher_pos=((b, t), jnp.int32), distill_mask=((b, t), jnp.int32), sd_weight=((b,), jnp.float32))
+    flops += forward_flops(cfg, b * tt, tt / 2, head_tokens=b * k) + passes * forward_flops(cfg, b * t, t / 2, b * k)
+  if in_step_ref:
+    flops += forward_flops(cfg, b * t, t / 2, head_tokens=b * k)
+  n_params, chips, p_bytes = _param_count(cfg), mesh.size, jnp.dtype(cfg.param_dtype).itemsize
+  state = _train_state_sds(step.train, cfg, mesh, rules, in_step_ref)
+  out = [Program("grpo_step", step.train.step, (state, _batch_sds(mesh, rules, fields)), {}, flops=flops / chips,
+                 hbm_bytes=_train_bytes(n_params, p_bytes, chips, passes * grpo.num_microbatches),
+                 shapes=f"{b} rows x {t} tokens, {grpo.num_microbatches} micro-batches")]
+  if grpo.old_logprobs == "recompute" or (grpo.uses_ref and grpo.ref_logprobs == "precompute"):
+    r = shapes.logprob_rows
+    lp_fields = {"tokens": ((r, t), jnp.int32), "attention_mask": ((r, t), jnp.int32),
+                 "loss_mask": ((r, t), jnp.int32), "target_index": ((r, k), jnp.int32),
+                 "target_valid": ((r, k), jnp.int32)}
+    out.append(Program("grpo_logprobs", step.logprobs.jitted, (_abstract_params(cfg, mesh, rules),
+                                                              _batch_sds(mesh, rules, lp_fields)), {},
+                       flops=forward_flops(cfg, r * t, t / 2, head_tokens=r * k) / chips,
+                       hbm_bytes=grpo.num_microbatches * n_params * 2,
+                       shapes=f"{r} rows x {t} tokens, {grpo.num_microbatches} micro-batches"))
+  return out
+
+
+def _ofsd_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Program]:
+  opts = ofsd_phase.OfsdOptions.from_config(config.ofsd, config.protocol.template)
+  step = ofsd_runner.make_ofsd_step(cfg, opts, mesh, rules=rules)
+  d = opts.divergence
+  b, t, tt, k = shapes.ofsd_rows, shapes.seq, shapes.teacher_seq, shapes.targets
+  fields = {"tokens": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
+            "distill_mask": ((b, t), jnp.int32), "target_index": ((b, k), jnp.int32),
+            "target_valid": ((b, k), jnp.int32)}
+  passes = 4.0 if cfg.remat == "full" else 3.0
+  flops = passes * forward_flops(cfg, b * t, t / 2, head_tokens=b * k)
+  if d.top_k:
+    fields.update(teacher_topk_ids=((b, t, d.top_k), jnp.int32), teacher_topk_logprobs=((b, t, d.top_k), jnp.float32))
+  else:
+    fields.update(teacher_tokens=((b, tt), jnp.int32), teacher_attention_mask=((b, tt), jnp.int32),
+                  teacher_pos=((b, t), jnp.int32))
+    flops += forward_flops(cfg, b * tt, tt / 2, head_tokens=b * k)
+  n_params, chips, p_bytes = _param_count(cfg), mesh.size, jnp.dtype(cfg.param_dtype).itemsize
+  state = _train_state_sds(step, cfg, mesh, rules, not d.top_k)
+  out = [Program("ofsd_student_step", step.step, (state, _batch_sds(mesh, rules, fields)), {}, flops=flops / chips,
+                 hbm_bytes=_train_bytes(n_params, p_bytes, chips, passes * opts.phase.num_microbatches),
+                 shapes=f"{b} rows x {t} tokens, {opts.phase.num_microbatches} micro-batches")]
+  if d.top_k:
+    r = shapes.ofsd_micro_rows
+    bs = lambda *shape: shd.batch_sharding(mesh, len(shape), rules)
+    args = (_abstract_params(cfg, mesh, rules), _sds((r, tt), jnp.int32, bs(r, tt)),
+            _sds((r, tt), jnp.int32, bs(r, tt)),
+            _sds((r, k), jnp.int32, bs(r, k)), _sds((r, k), jnp.bool_, bs(r, k)))
+    out.append(Program("ofsd_teacher_targets", ofsd_phase.teacher_topk, (args[0], cfg, *args[1:]),
+                       dict(k=d.top_k, chunk_size=d.chunk_size, temperature=d.temperature),
+                       flops=forward_flops(cfg, r * tt, tt / 2, head_tokens=r * k) / chips,
+                       hbm_bytes=n_params * 2, shapes=f"{r} rows x {tt} teacher tokens, top-{d.top_k}"))
+  return out
+
+
+def run_programs(config, mesh, rules) -> list[Program]:
+  """Every jitted program a run of `config` executes, at its largest shapes, on `mesh`."""
+  cfg = model_config(config.model)
+  shapes = RunShapes.from_config(config, mesh)
+  ofsd_on = bool(config.ofsd.enabled)
+  on_policy = (ofsd_phase.OfsdOptions.from_config(config.ofsd, config.protocol.template)
+               if ofsd_on and config.ofsd.mode == "on_policy" else None)
+  programs = _sampler_programs(cfg, config, shapes, mesh, rules)
+  programs += _grpo_programs(cfg, config, shapes, mesh, rules, on_policy)
+  if ofsd_on and config.ofsd.mode == "offline":
+    programs += _ofsd_programs(cfg, config, shapes, mesh, rules)
+  return programs
+
+
+# ----------------------------------------------------------------------------------------------- compile
+
+
+_COLLECTIVE = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
+                         r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes", "max_bytes"}} of the collectives in compiled HLO text (result shapes; an op in a
+  loop body, e.g. the per-layer scan, is counted once)."""
+  out: dict[str, dict[str, int]] = {}
+  for m in _COLLECTIVE.finditer(hlo_text):
+    shape_text, kind = m.group(1), m.group(2)
+    nbytes = 0
+    for dtype, dims in _SHAPE.findall(shape_text):
+      n = math.prod(int(x) for x in dims.split(",") if x) if dims else 1
+      nbytes += n * _DTYPE_BYTES.get(dtype, 4)
+    if m.group(3) and shape_text.startswith("("):
+      nbytes //= 2  # async start ops return (operand, result): count the result once
+    row = out.setdefault(kind, {"count": 0, "bytes": 0, "max_bytes": 0})
+    row["count"] += 1
+    row["bytes"] += nbytes
+    row["max_bytes"] = max(row["max_bytes"], nbytes)
+  return out
+
+
+def compile_program(program: Program, chip: Chip | None) -> dict:
+  """Lower and compile `program`; per-chip memory (bytes), fits, compile seconds, collectives, roofline estimate."""
+  t0 = time.perf_counter()
+  compiled = program.fn.lower(*program.args, **program.kwargs).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  args, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+  temp, alias = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
+  peak = args + out_b - alias + temp + int(getattr(mem, "generated_code_size_in_bytes", 0))
+  row = {"name": program.name, "shapes": program.shapes, "args_bytes": args, "output_bytes": out_b,
+         "temp_bytes": temp, "alias_bytes": alias, "peak_bytes": peak, "compile_s": round(compile_s, 2),
+         "collectives": collectives(compiled.as_text()), "flops_per_chip": program.flops,
+         "hbm_traffic_bytes": program.hbm_bytes}
+  if chip is not None:
+    row.update(hbm_bytes=chip.hbm_bytes, headroom_bytes=chip.hbm_bytes - peak, fits=peak <= chip.hbm_bytes,
+               est_step_s=max(program.flops / chip.bf16_flops, program.hbm_bytes / chip.hbm_bandwidth))
+  return row
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """The compile table as text: one line per program, GiB per chip."""
+  head = f"{'program':22s} {'args':>7s} {'out':>7s} {'temp':>7s} {'alias':>7s} {'peak':>7s} {'HBM':>6s} " \
+         f"{'fits':>4s} {'est s':>8s} {'compile s':>9s}  collectives"
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    g = lambda k: f"{r[k] / GIB:7.2f}" if k in r else f"{'-':>7s}"
+    coll = ", ".join(f"{k} x{v['count']} (max {v['max_bytes'] / 2**20:.0f} MiB)"
+                     for k, v in sorted(r["collectives"].items()))
+    lines.append(f"{r['name']:22s} {g('args_bytes')} {g('output_bytes')} {g('temp_bytes')} {g('alias_bytes')} "
+                 f"{g('peak_bytes')} {r.get('hbm_bytes', 0) / GIB:6.1f} {('yes' if r.get('fits') else 'NO'):>4s} "
+                 f"{r.get('est_step_s', float('nan')):8.3f} {r['compile_s']:9.1f}  {coll or '-'}")
+  return "\n".join(lines)

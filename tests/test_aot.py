@@ -1,0 +1,117 @@
+"""Ahead-of-time TPU compiles (searche1_jax/train/aot.py, launch/aot_compile.py) of a paper config shrunk to a
+tiny model, for a 4-chip topology and a multi-host one. Needs libtpu (the tpu extra, which `make test` installs);
+the suite itself stays on the CPU backend (conftest)."""
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from launch import aot_compile
+from searche1_jax import config_utils
+from searche1_jax.models import qwen2
+from searche1_jax.train import aot
+
+# Dimensions in multiples of TPU tiles (8 x 128), so per-chip bytes are not dominated by layout padding.
+TINY = {"model.hf_dir": "", "model.preset": "qwen2.5-0.5b", "model.vocab_size": 2048, "model.hidden_size": 256,
+        "model.intermediate_size": 512, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 1,
+        "train.prompts_per_step": 8, "train.mini_batch_prompts": 4, "grpo.num_microbatches": 2,
+        "grpo.logprob_chunk_size": 32, "protocol.max_prompt_length": 256, "protocol.max_start_length": 128,
+        "protocol.max_response_length": 32, "sampling.max_extend": 64, "sampling.decode_chunk": 8,
+        "rollout.eval.batch_size": 16, "ofsd.questions_per_phase": 8, "ofsd.batch_size": 8, "ofsd.top_k": 8,
+        "ofsd.chunk_size": 32}
+
+
+def tiny_config(mesh="v5p-8", **overrides):
+  config = config_utils.load_config(f"configs/search_e1.py:model=3b,mesh={mesh}")
+  config_utils.apply_overrides(config, dict(TINY, **overrides))
+  return config
+
+
+def _param_bytes(config) -> int:
+  cfg = aot.model_config(config.model)
+  abstract = jax.eval_shape(lambda: qwen2.init_params(cfg, jax.random.key(0)))
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+
+
+@pytest.fixture(scope="module")
+def v5p_doc():
+  return aot_compile.compile_run(tiny_config(), "v5p-8")
+
+
+def test_every_program_of_the_run_is_compiled_and_listed(v5p_doc):
+  names = [r["name"] for r in v5p_doc["programs"]]
+  assert names == ["rollout_prefill", "rollout_decode", "eval_decode", "grpo_step", "grpo_logprobs",
+                   "ofsd_student_step", "ofsd_teacher_targets"]
+  assert v5p_doc["devices"] == 4 and v5p_doc["processes"] == 1 and v5p_doc["mesh"] == {"data": 1, "fsdp": 4,
+                                                                                        "tensor": 1}
+  assert v5p_doc["chip"]["name"] == "v5p" and v5p_doc["chip"]["hbm_bytes"] == 95 * aot.GIB
+  for r in v5p_doc["programs"]:
+    live = r["args_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+    assert r["fits"] and live <= r["peak_bytes"] < live + 64 * 2 ** 20  # + the program's generated code
+    assert 0 < r["peak_bytes"] < r["hbm_bytes"] and r["headroom_bytes"] == r["hbm_bytes"] - r["peak_bytes"]
+    assert r["est_step_s"] > 0 and r["compile_s"] > 0
+  json.dumps(v5p_doc)  # the --json document is plain JSON
+
+
+def test_train_state_is_sharded_over_fsdp_and_donated(v5p_doc):
+  """The GRPO step's per-chip arguments hold a quarter of params + Adam moments + the in-step reference (fsdp 4),
+  and the whole state is donated: its output aliases its input."""
+  total = _param_bytes(tiny_config())
+  state_total = total * 4  # params, mu, nu, the frozen reference (all float32)
+  step = next(r for r in v5p_doc["programs"] if r["name"] == "grpo_step")
+  batch_bytes = step["args_bytes"] - step["alias_bytes"]
+  assert state_total / 4 <= step["alias_bytes"] <= state_total / 4 * 1.1 + 4096
+  assert 0 < batch_bytes < step["alias_bytes"]
+  logprobs = next(r for r in v5p_doc["programs"] if r["name"] == "grpo_logprobs")
+  assert logprobs["alias_bytes"] == 0  # reads params, donates nothing
+  assert total / 4 <= logprobs["args_bytes"] < total / 4 * 1.1 + 2 ** 20
+
+
+def test_collectives_are_parsed_from_compiled_hlo():
+  text = """
+  %all-gather.1 = bf16[4,128]{1,0} all-gather(bf16[1,128]{1,0} %p), dimensions={0}
+  %ag-start = (bf16[1,64]{1,0}, bf16[4,64]{1,0}) all-gather-start(bf16[1,64]{1,0} %q), dimensions={0}
+  %all-reduce.2 = (f32[8]{0}, f32[]) all-reduce(f32[8]{0} %a, f32[] %b), to_apply=%add
+  %rs = f32[2,16]{1,0} reduce-scatter(f32[8,16]{1,0} %c), dimensions={0}
+  %x = f32[2]{0} add(f32[2]{0} %y, f32[2]{0} %z)
+  """
+  got = aot.collectives(text)
+  assert got["all-gather"] == {"count": 2, "bytes": 4 * 128 * 2 + (64 + 256) * 2 // 2, "max_bytes": 1024}
+  assert got["all-reduce"] == {"count": 1, "bytes": 8 * 4 + 4, "max_bytes": 36}
+  assert got["reduce-scatter"] == {"count": 1, "bytes": 128, "max_bytes": 128}
+  assert set(got) == {"all-gather", "all-reduce", "reduce-scatter"}
+
+
+def test_multi_host_topology_compiles_the_learner_step():
+  doc = aot_compile.compile_run(tiny_config("v5e-16", **{"mesh.fsdp": 16}), "v5e-16", only=("grpo_step",))
+  assert doc["devices"] == 16 and doc["processes"] == 4 and doc["chip"]["name"] == "v5e"
+  (step,) = doc["programs"]
+  assert step["name"] == "grpo_step" and step["fits"] and step["alias_bytes"] > 0
+
+
+def test_mismatched_mesh_and_unknown_names_are_clear_errors():
+  with pytest.raises(config_utils.ConfigError, match=r"spans 4 devices but 16 are available"):
+    aot_compile.compile_run(tiny_config("v5p-8"), "v5e-16")
+  with pytest.raises(ValueError, match=r"--topology 'v9-8': unknown; known: \["):
+    aot.topology("v9-8")
+  with pytest.raises(ValueError, match=r"--only \['nope'\]: not programs of this run"):
+    aot_compile.compile_run(tiny_config(), "v5p-8", only=("nope",))
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path):
+  out = tmp_path / "aot.json"
+  args = [sys.executable, "-m", "launch.aot_compile", "--config", "configs/search_e1.py:model=3b,mesh=v5p-8",
+          "--topology", "v5p-8", "--json", str(out), "--only", "rollout_prefill"]
+  args += [f"--config.{k}={v}" if v != "" else f"--config.{k}=" for k, v in TINY.items()]
+  res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "rollout_prefill" in res.stdout and "v5p-8: 4 chips" in res.stdout
+  doc = json.loads(out.read_text())
+  assert [r["name"] for r in doc["programs"]] == ["rollout_prefill"]
+  assert set(doc["programs"][0]) >= {"name", "args_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+                                     "peak_bytes", "hbm_bytes", "fits", "compile_s", "collectives", "est_step_s"}
+  assert np.isclose(doc["chip"]["bf16_flops"], 459e12)
