@@ -115,3 +115,10 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
   assert set(doc["programs"][0]) >= {"name", "args_bytes", "output_bytes", "temp_bytes", "alias_bytes",
                                      "peak_bytes", "hbm_bytes", "fits", "compile_s", "collectives", "est_step_s"}
   assert np.isclose(doc["chip"]["bf16_flops"], 459e12)
+
+
+def test_a_program_xla_refuses_for_hbm_is_reported_as_not_fitting():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (287.48G) "
+         "exceeds available HBM (95.74G).")
+  assert aot._oom_bytes(msg) == int(287.48 * 2 ** 30)
+  assert aot._oom_bytes("INTERNAL: something else") is None

@@ -437,21 +437,45 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   return out
 
 
+_OOM = re.compile(r"memory required for (HLO temporaries|arguments|[a-zA-Z ]+?) \(([0-9.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _oom_bytes(message: str) -> int | None:
+  """The bytes XLA says it needed when it refuses a program that does not fit in HBM, else None."""
+  m = _OOM.search(message)
+  return None if m is None else int(float(m.group(2)) * _UNITS[m.group(3)])
+
+
 def compile_program(program: Program, chip: Chip | None) -> dict:
-  """Lower and compile `program`; per-chip memory (bytes), fits, compile seconds, collectives, roofline estimate."""
-  t0 = time.perf_counter()
-  compiled = program.fn.lower(*program.args, **program.kwargs).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  args, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
-  temp, alias = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
-  peak = args + out_b - alias + temp + int(getattr(mem, "generated_code_size_in_bytes", 0))
-  row = {"name": program.name, "shapes": program.shapes, "args_bytes": args, "output_bytes": out_b,
-         "temp_bytes": temp, "alias_bytes": alias, "peak_bytes": peak, "compile_s": round(compile_s, 2),
-         "collectives": collectives(compiled.as_text()), "flops_per_chip": program.flops,
+  """Lower and compile `program`; per-chip memory (bytes), fits, compile seconds, collectives, roofline estimate.
+
+  XLA's TPU compiler refuses a program whose buffers exceed HBM (RESOURCE_EXHAUSTED): the row then says
+  fits=False with the bytes XLA reported needing (temp_bytes, or peak_bytes) and no collectives.
+  """
+  row = {"name": program.name, "shapes": program.shapes, "flops_per_chip": program.flops,
          "hbm_traffic_bytes": program.hbm_bytes}
+  t0 = time.perf_counter()
+  lowered = program.fn.lower(*program.args, **program.kwargs)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    need = _oom_bytes(str(e))
+    if need is None or "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    row.update(args_bytes=0, output_bytes=0, temp_bytes=need, alias_bytes=0, peak_bytes=need,
+               compile_s=round(time.perf_counter() - t0, 2), collectives={}, error=str(e).splitlines()[0][:300])
+  else:
+    mem = compiled.memory_analysis()
+    args, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    temp, alias = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
+    peak = args + out_b - alias + temp + int(getattr(mem, "generated_code_size_in_bytes", 0))
+    row.update(args_bytes=args, output_bytes=out_b, temp_bytes=temp, alias_bytes=alias, peak_bytes=peak,
+               compile_s=round(time.perf_counter() - t0, 2), collectives=collectives(compiled.as_text()))
   if chip is not None:
-    row.update(hbm_bytes=chip.hbm_bytes, headroom_bytes=chip.hbm_bytes - peak, fits=peak <= chip.hbm_bytes,
+    peak = row["peak_bytes"]
+    row.update(hbm_bytes=chip.hbm_bytes, headroom_bytes=chip.hbm_bytes - peak,
+               fits=peak <= chip.hbm_bytes and "error" not in row,
                est_step_s=max(program.flops / chip.bf16_flops, program.hbm_bytes / chip.hbm_bandwidth))
   return row
 
