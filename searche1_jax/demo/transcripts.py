@@ -354,6 +354,20 @@ def make_transcripts(world: World, questions: Sequence[Mapping[str, Any]],
   return [t.text for t in make_transcript_records(world, questions, rng, cfg, protocol_cfg)]
 
 
+def encode_segments(segments: Sequence[tuple[str, bool]], tokenizer, prompt_ids: Sequence[int]
+                    ) -> tuple[list[int], list[int], list[tuple[int, int, bool]]]:
+  """`prompt_ids`, then every later `(text, trainable)` segment encoded on its own without special tokens, as the
+  rollout splices turns and observations. Returns (ids, mask: 1 on trainable segments' tokens, spans: (start, end,
+  trainable) per later segment)."""
+  ids, mask, spans = list(prompt_ids), [0] * len(prompt_ids), []
+  for text, trainable in segments[1:]:
+    piece = list(tokenizer.encode(text, add_special_tokens=False))
+    spans.append((len(ids), len(ids) + len(piece), bool(trainable)))
+    ids += piece
+    mask += [int(bool(trainable))] * len(piece)
+  return ids, mask, spans
+
+
 def transcript_trajectory(record, question: Mapping[str, Any], tokenizer, template: str,
                           sample_index: int = 0) -> trajectory_lib.Trajectory:
   """The Trajectory a policy following `record` (one `make_transcript_records` entry) would produce: the prompt as
@@ -363,12 +377,9 @@ def transcript_trajectory(record, question: Mapping[str, Any], tokenizer, templa
   if tokenizer.decode(prompt, skip_special_tokens=False) != record.segments[0][0]:
     raise ValueError(f"transcript_trajectory: question {question['id']!r}: the transcript's prompt text differs from "
                      "the encoded prompt (another template or tokenizer?)")
-  ids, mask, policy_spans, obs_spans = list(prompt), [0] * len(prompt), [], []
-  for text, trainable in record.segments[1:]:
-    piece = tokenizer.encode(text, add_special_tokens=False)
-    (policy_spans if trainable else obs_spans).append((len(ids), len(ids) + len(piece)))
-    ids += piece
-    mask += [int(trainable)] * len(piece)
+  ids, mask, spans = encode_segments(record.segments, tokenizer, prompt)
+  policy_spans = [(s, e) for s, e, trainable in spans if trainable]
+  obs_spans = [(s, e) for s, e, trainable in spans if not trainable]
   traj = trajectory_lib.Trajectory(
       question_id=question["id"], question=question["question"], golden_answers=question["golden_answers"],
       prompt_ids=prompt, ids=ids, policy_mask=mask, logprobs=np.zeros(len(ids), np.float32),

@@ -63,12 +63,8 @@ def tokenize_segments(segments: Sequence[tuple[str, bool]], tokenizer, *, add_eo
     raise ValueError("tokenize_segments: a transcript needs at least the prompt segment")
   if segments[0][1]:
     raise ValueError("tokenize_segments: the first segment is the prompt and must not be trainable")
-  ids: list[int] = list(protocol.encode_prompt(tokenizer, segments[0][0]) if prompt_ids is None else prompt_ids)
-  mask: list[int] = [0] * len(ids)
-  for text, trainable in segments[1:]:
-    piece = list(tokenizer.encode(text, add_special_tokens=False))
-    ids.extend(piece)
-    mask.extend([1 if trainable else 0] * len(piece))
+  prompt = protocol.encode_prompt(tokenizer, segments[0][0]) if prompt_ids is None else prompt_ids
+  ids, mask, _ = transcripts_lib.encode_segments(segments, tokenizer, prompt)
   if add_eos:
     if tokenizer.eos_token_id is None:
       raise ValueError("tokenize_segments: the tokenizer has no eos_token; pass add_eos=False or set one")
