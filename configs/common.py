@@ -86,7 +86,9 @@ RESUME_MAY_CHANGE = (
     "retrieval.encoding.batch_size", "retrieval.encoding.platform", "retrieval.encoding.num_devices",
     "retrieval.scann.num_threads", "retrieval.scann.query_batch", "retrieval.verify_corpus_lines",
     "rollout.retrieval_retries", "rollout.retrieval_backoff_s", "rollout.retrieval_backoff_max_s",
-    "rollout.eval.batch_size", "rollout.eval.write_trajectories")
+    "rollout.eval.batch_size", "rollout.eval.write_trajectories",
+    # Hardware layout like the mesh: it decides which sampler wave (and seed) a question lands in, not the method.
+    "rollout.decode_slots")
 
 
 def resume_block() -> ml_collections.ConfigDict:
@@ -130,6 +132,17 @@ MESH_PRESETS: dict[str, dict[str, tuple[int, int, int]]] = {
 }
 
 
+# Sampler rows held at once (rollout.decode_slots) per host type and model size: the KV cache of every row at
+# protocol.max_prompt_length (4096) must fit beside the params; sized with `python -m launch.aot_compile`
+# (docs/tpu.md has the table). 0 = the whole rollout batch (the CPU runs are small).
+DECODE_SLOTS: dict[str, dict[str, int]] = {
+    "cpu": {"3b": 0, "7b": 0},
+    "v4-8": {"3b": 256, "7b": 128},
+    "v5p-8": {"3b": 512, "7b": 512},
+    "v5e-16": {"3b": 256, "7b": 256},
+}
+
+
 def apply_mesh_preset(config: ml_collections.ConfigDict, mesh: str, model: str) -> None:
   if mesh not in MESH_PRESETS:
     raise config_utils.ConfigError(f"mesh={mesh!r}: unknown mesh preset; known: {sorted(MESH_PRESETS)}")
@@ -137,7 +150,8 @@ def apply_mesh_preset(config: ml_collections.ConfigDict, mesh: str, model: str) 
     raise config_utils.ConfigError(f"model={model!r}: no {mesh} mesh preset for it; known: "
                                    f"{sorted(MESH_PRESETS[mesh])}")
   data, fsdp, tensor = MESH_PRESETS[mesh][model]
-  set_fields(config, {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor})
+  set_fields(config, {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+                      "rollout.decode_slots": DECODE_SLOTS[mesh][model]})
 
 
 MODEL_SIZES = {"3b": ("qwen2.5-3b", "Qwen2.5-3B"), "7b": ("qwen2.5-7b", "Qwen2.5-7B")}

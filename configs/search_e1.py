@@ -23,6 +23,10 @@ Published average EM over the seven benchmarks (docs/reference.md):
 
 Arguments (`--config configs/search_e1.py:model=7b,mesh=v5e-16,root=/mnt/disks/persist`):
   model  '3b' | '7b';  mesh  'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu';  root  data/model directory (see docs/tpu.md)
+
+The mesh preset also sets rollout.decode_slots (configs/common.DECODE_SLOTS): rollouts run in waves of at
+most that many sequences, because 512 x 5 sequences at 4096 tokens do not fit in HBM at once
+(python -m launch.aot_compile; docs/tpu.md).
 """
 from configs import common
 from configs import search_r1_grpo

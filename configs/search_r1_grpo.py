@@ -21,6 +21,10 @@ Arguments (`--config configs/search_r1_grpo.py:model=7b,mesh=v5e-16,root=/mnt/di
   model  '3b' | '7b'                                  (Qwen2.5 base; weights in ROOT/models/Qwen2.5-{3B,7B})
   mesh   'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu'          (configs/common.py MESH_PRESETS)
   root   directory with models/, raw/, tfds/, index/   (docs/tpu.md)
+
+The mesh preset also sets rollout.decode_slots (configs/common.DECODE_SLOTS): rollouts run in waves of at
+most that many sequences, because 512 x 5 sequences at 4096 tokens do not fit in HBM at once
+(python -m launch.aot_compile; docs/tpu.md).
 """
 from configs import common
 

@@ -435,6 +435,13 @@ def _check_protocol(c: _Checker) -> None:
 
 def _check_sampling(c: _Checker) -> None:
   c.options(sampling_options.SamplerOptions, "sampling", "configs/parts/sampling.py")
+  c.number("rollout.decode_slots", lo=0, integer=True)
+  slots = c.get("rollout.decode_slots")
+  for block in ("grpo", "ofsd"):
+    g = c.get(f"{block}.group_size")
+    if isinstance(slots, int) and isinstance(g, int) and 0 < slots < g:
+      c.problems.append(f"rollout.decode_slots={slots!r}: must be 0 or >= {block}.group_size={g!r} (a question's "
+                        "samples decode together)")
   for block in ("sampling", "rollout.eval"):
     c.number(f"{block}.temperature", lo=0.0)
     c.number(f"{block}.top_p", lo=0.0, hi=1.0, lo_open=True)

@@ -166,6 +166,8 @@ def _errors(config) -> list[str]:
     ({"sampling.decode_chunk": 0}, "sampling.decode_chunk=0: must be >= 1"),
     ({"sampling.length_buckets": (16, 32)}, "sampling.max_extend=512: exceeds the largest of"),
     ({"ofsd.efficiency": "fast"}, "ofsd.efficiency='fast': must be one of"),
+    ({"rollout.decode_slots": 3}, "rollout.decode_slots=3: must be 0 or >= grpo.group_size=5"),
+    ({"rollout.decode_slots": -1}, "rollout.decode_slots=-1: must be >= 0"),
     ({"grpo.num_microbatches": 7}, "grpo.num_microbatches=7 must divide the trajectories per update"),
     ({"train.mini_batch_prompts": 300}, "train.mini_batch_prompts=300 must divide train.prompts_per_step=512"),
     ({"optim.warmup_ratio": 1.5}, "optim.warmup_ratio=1.5: must be <= 1.0"),

@@ -312,3 +312,31 @@ def test_stop_strings_tokenized_in_context():
                              ScriptedRetriever(), [QUESTION], p_cfg, r_cfg)
   s, e = res.trajectories[0].policy_spans[0]
   assert tok.decode(res.trajectories[0].ids[s:e].tolist()) == turn + " and more text"
+
+
+def test_decode_slots_run_question_groups_in_waves(tok):
+  """rollout.decode_slots=4 with group_size 3: one question (3 rows) per sampler session; the trajectories equal
+  the one-session run's (scripted sessions), and the counters are summed over the waves."""
+  p_cfg, r_cfg = configs()
+  q2 = {"id": "q2", "question": "Who wrote Hamlet?", "golden_answers": ["Shakespeare"]}
+  scripts = [["<search> a </search>", "<answer> Paris </answer>"], ["<answer> paris city </answer>"],
+             ["nothing", "<answer> x </answer>"], ["<search> c </search>", "<answer> Shakespeare </answer>"],
+             ["<answer> Marlowe </answer>"], ["<answer> the Shakespeare </answer>"]]
+  whole = rollout.run_rollouts(scripted_factory(tok, scripts), tok, ScriptedRetriever(), [QUESTION, q2], p_cfg,
+                               r_cfg, group_size=3)
+  sessions, waves = [], iter([scripts[:3], scripts[3:]])
+
+  def make(prompts, max_len):
+    return scripted_factory(tok, next(waves), holder=sessions)(prompts, max_len)
+
+  r_cfg.decode_slots = 4
+  retriever = ScriptedRetriever()
+  res = rollout.run_rollouts(make, tok, retriever, [QUESTION, q2], p_cfg, r_cfg, group_size=3)
+  assert [len(s.seqs) for s in sessions] == [3, 3]
+  assert retriever.calls == [(["a"], 3), (["c"], 3)]
+  assert [t.ids.tolist() for t in res.trajectories] == [t.ids.tolist() for t in whole.trajectories]
+  assert [(t.question_id, t.sample_index, t.reward) for t in res.trajectories] == \
+      [(t.question_id, t.sample_index, t.reward) for t in whole.trajectories]
+  assert res.stats.num_trajectories == 6 and res.stats.num_queries == whole.stats.num_queries == 2
+  assert res.stats.num_turns == 4 and whole.stats.num_turns == 2  # two turns in each wave
+  assert res.stats.retrieval_calls == 2 and whole.stats.retrieval_calls == 1

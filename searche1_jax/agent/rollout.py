@@ -109,6 +109,16 @@ class RolloutResult:
   stats: RolloutStats
 
 
+def merge_results(results: Sequence[RolloutResult], total_s: float) -> RolloutResult:
+  """The trajectories of several rollout waves in order, their counters and timings summed (total_s given)."""
+  stats = RolloutStats()
+  for r in results:
+    for f in dataclasses.fields(RolloutStats):
+      setattr(stats, f.name, getattr(stats, f.name) + getattr(r.stats, f.name))
+  stats.total_s = total_s
+  return RolloutResult([t for r in results for t in r.trajectories], stats)
+
+
 def build_prompt_ids(tokenizer, question: str, template: str) -> list[int]:
   """The prompt ids of one question: `protocol.encode_prompt` of `protocol.make_prompt(question, template)`."""
   return protocol.encode_prompt(tokenizer, protocol.make_prompt(question, template))
@@ -237,6 +247,14 @@ def run_rollouts(make_session: SessionFactory, tokenizer, retriever, questions: 
   t_start = time.perf_counter()
   if group_size < 1:
     raise ValueError(f"run_rollouts: group_size must be >= 1, got {group_size}")
+  slots = int(_cfg_value(rollout_cfg, "decode_slots", "rollout"))
+  per_wave = max(1, slots // group_size) if slots > 0 else len(questions)
+  if len(questions) > per_wave:
+    # Bounded sampler memory: waves of whole question groups, each its own session (and sampler seed).
+    waves = [run_rollouts(make_session, tokenizer, retriever, questions[i:i + per_wave], protocol_cfg, rollout_cfg,
+                          group_size=group_size, policy_version=policy_version, reward_fn=reward_fn, sleep=sleep)
+             for i in range(0, len(questions), per_wave)]
+    return merge_results(waves, time.perf_counter() - t_start)
   max_turns = int(_cfg_value(protocol_cfg, "max_turns", "protocol"))
   topk = int(_cfg_value(protocol_cfg, "topk", "protocol"))
   max_obs = int(_cfg_value(protocol_cfg, "max_obs_length", "protocol"))

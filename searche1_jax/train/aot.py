@@ -154,8 +154,9 @@ def _pow2(n: int) -> int:
 class RunShapes:
   """The largest shapes a run's programs see (rows, tokens), derived from the config as the trainer does.
 
-  rollout_rows: the sampler batch bucket of one GRPO rollout (prompts_per_step x group_size, or the OFSD
-    phase's questions x ofsd.group_size when larger). eval_rows: rollout.eval.batch_size. cache: the physical
+  rollout_rows: the sampler batch bucket of one GRPO rollout wave (prompts_per_step x group_size, or the OFSD
+    phase's questions x ofsd.group_size when larger; at most rollout.decode_slots when set). eval_rows: the same
+    for rollout.eval.batch_size. cache: the physical
     KV-cache length at protocol.max_prompt_length. extend: the longest prefill / extend program (max_extend).
   learner_rows: rows of one GRPO update (mini_batch_prompts x group_size); logprob_rows: the whole rollout batch
     (old log-probs are recomputed once for it). seq: a trajectory's bucketed length (max_prompt_length);
@@ -180,9 +181,11 @@ class RunShapes:
     s = sampling_options.SamplerOptions.from_config(config.sampling)
     t, p, g = config.train, config.protocol, int(config.grpo.group_size)
     dp = shd.data_parallel_size(mesh)
-    rows = int(t.prompts_per_step) * g
+    slots = int(config.rollout.decode_slots)
+    wave = lambda questions, group: questions * group if slots <= 0 else min(questions, slots // group) * group
+    rows = wave(int(t.prompts_per_step), g)
     if bool(config.ofsd.enabled):
-      rows = max(rows, int(config.ofsd.questions_per_phase) * int(config.ofsd.group_size))
+      rows = max(rows, wave(int(config.ofsd.questions_per_phase), int(config.ofsd.group_size)))
     batch = lambda n: sampling_options.bucket(n, s.batch_buckets, max(s.min_batch, dp), "sampling.batch_buckets")
     seq = _pow2(int(p.max_prompt_length))
     # Learner batches are padded to a multiple of micro-batches x data-parallel size, as the trainer pads them.
@@ -192,7 +195,7 @@ class RunShapes:
     ofsd_rows = up(config.ofsd.batch_size, ofsd_micro * dp)
     micro = ofsd_phase.data_parallel_rows(ofsd_rows // ofsd_micro, mesh)
     return cls(
-        rollout_rows=batch(rows), eval_rows=batch(int(config.rollout.eval.batch_size)),
+        rollout_rows=batch(rows), eval_rows=batch(wave(int(config.rollout.eval.batch_size), 1)),
         cache=sampling_options.bucket(int(p.max_prompt_length), s.cache_buckets, s.min_cache, "sampling.cache_buckets"),
         extend=sampling_options.bucket(min(s.max_extend, int(p.max_start_length)), s.length_buckets, s.min_length,
                                        "sampling.length_buckets"),
