@@ -6,7 +6,9 @@ The same model code then runs on 1 CPU, 8 fake CPU devices and a TPU pod.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -77,6 +79,40 @@ def spec_for_shape(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh
 
 def named_sharding(mesh: Mesh, shape: Sequence[int], names: Sequence[str | None], rules=DEFAULT_RULES):
   return NamedSharding(mesh, spec_for_shape(shape, names, mesh, rules))
+
+
+_ACTIVATION_RULES = threading.local()
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None, rules=DEFAULT_RULES):
+  """While a program over `mesh` is traced: `constrain` pins activations to their logical sharding.
+
+  Enter it inside the traced function (train steps, log-prob passes). The abstract mesh becomes part of the trace
+  context, so jitted helpers traced with and without it are cached apart. No-op for None or a one-device mesh.
+  """
+  if mesh is None or mesh.size == 1:
+    yield
+    return
+  previous = getattr(_ACTIVATION_RULES, "rules", None)
+  _ACTIVATION_RULES.rules = tuple(rules)
+  try:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      yield
+  finally:
+    _ACTIVATION_RULES.rules = previous
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """x with the sharding its logical axis names give under `activation_mesh`; x itself outside one.
+
+  Model code marks activations this way so that XLA keeps them batch-sharded and gathers fsdp-sharded weights
+  for each matmul (what FSDP means) instead of splitting the contraction and all-reducing activations."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = getattr(_ACTIVATION_RULES, "rules", None)
+  if mesh.empty or rules is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for_shape(x.shape, names, mesh, rules))
 
 
 def mesh_from_config(block, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -122,3 +122,17 @@ def test_a_program_xla_refuses_for_hbm_is_reported_as_not_fitting():
          "exceeds available HBM (95.74G).")
   assert aot._oom_bytes(msg) == int(287.48 * 2 ** 30)
   assert aot._oom_bytes("INTERNAL: something else") is None
+
+
+def test_learner_collectives_move_weights_not_activations(v5p_doc):
+  """FSDP as intended: the learner programs gather at most one weight matrix (in the compute dtype) at a time and
+  all-reduce at most one weight's float32 gradient; no activation or [rows, chunk, vocab] logits collective (the
+  tiny model's logits chunk, 12 x 32 x 2048, and its layer activations are larger than any weight)."""
+  cfg = aot.model_config(tiny_config().model)
+  abstract = jax.eval_shape(lambda: qwen2.init_params(cfg, jax.random.key(0)))
+  largest = max(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+  for r in v5p_doc["programs"]:
+    if r["name"] in ("grpo_step", "grpo_logprobs", "ofsd_student_step"):
+      c = r["collectives"]
+      assert c["all-gather"]["max_bytes"] <= largest * 2, (r["name"], c)
+      assert c.get("all-reduce", {"max_bytes": 0})["max_bytes"] <= largest * 4, (r["name"], c)

@@ -387,8 +387,9 @@ def _run_layers(params: Params, cfg: Qwen2Config, x, positions, key_mask, cache:
 
   if cache is None:
     def body(h, layer_params):
+      h = shd.constrain(h, ("batch", "length", None))
       h, _ = layer.apply({"params": layer_params}, h, positions, key_mask)
-      return h, None
+      return shd.constrain(h, ("batch", "length", None)), None
     if cfg.remat != "none":
       policy = (jax.checkpoint_policies.nothing_saveable if cfg.remat == "full"
                 else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)

@@ -240,6 +240,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     return grads, loss_sum, denom, metrics
 
   def train_step(state: TrainState, batch):
+    with shd.activation_mesh(mesh, rules):
+      return _train_step(state, batch)
+
+  def _train_step(state: TrainState, batch):
     ref = state.ref_params if with_ref_params else None
     if num_microbatches == 1:
       grads, loss_sum, denom, metrics = micro_grads(state.params, ref, batch)
@@ -297,6 +301,10 @@ def make_logprob_fn(cfg: qwen2.Qwen2Config, *, mesh: Mesh, param_shardings, chun
   bsh2 = shd.batch_sharding(mesh, 2, rules)
 
   def score(params, batch):
+    with shd.activation_mesh(mesh, rules):
+      return _score(params, batch)
+
+  def _score(params, batch):
     batch = {k: batch[k] for k in (*logprobs_lib.BATCH_FIELDS, *logprobs_lib.PACKED_FIELDS) if k in batch}
     one = lambda mb: logprobs_lib.align_to_tokens(logprobs_lib.shifted_logprobs(params, cfg, mb, chunk_size=chunk_size,
                                                       temperature=temperature))
