@@ -104,8 +104,7 @@ def topology(name: str) -> Topology:
   if name not in TOPOLOGIES:
     raise ValueError(f"--topology {name!r}: unknown; known: {sorted(TOPOLOGIES)}")
   spec = TOPOLOGIES[name]
-  # Off a TPU VM libtpu cannot query the VM's metadata; naming the accelerator keeps it from warning about it.
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
+  # Off a TPU VM there is no metadata server for libtpu to ask.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   # Compile-only use holds no chip: let several processes (test workers, a subprocess) load libtpu at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
