@@ -88,7 +88,9 @@ RESUME_MAY_CHANGE = (
     "rollout.retrieval_retries", "rollout.retrieval_backoff_s", "rollout.retrieval_backoff_max_s",
     "rollout.eval.batch_size", "rollout.eval.write_trajectories",
     # Hardware layout like the mesh: it decides which sampler wave (and seed) a question lands in, not the method.
-    "rollout.decode_slots")
+    "rollout.decode_slots",
+    # The attention implementation (results agree to float rounding) and its blocking: speed and memory only.
+    "model.attention", "model.attention_block")
 
 
 def resume_block() -> ml_collections.ConfigDict:

@@ -324,6 +324,8 @@ def _check_model(c: _Checker) -> None:
   for f in ("model.dtype", "model.param_dtype"):
     c.one_of(f, hf.DTYPES)
   c.one_of("model.remat", qwen2.REMAT_MODES)
+  if c.has("model.attention"):
+    c.one_of("model.attention", qwen2.ATTENTION_MODES)
 
 
 def _check_mesh(c: _Checker, num_devices: int | None) -> None:

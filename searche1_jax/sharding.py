@@ -103,13 +103,18 @@ def activation_mesh(mesh: Mesh | None, rules=DEFAULT_RULES):
     _ACTIVATION_RULES.rules = previous
 
 
+def activation_rules():
+  """The rules of the enclosing `activation_mesh` (None outside one); its abstract mesh is
+  jax.sharding.get_abstract_mesh()."""
+  return getattr(_ACTIVATION_RULES, "rules", None)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """x with the sharding its logical axis names give under `activation_mesh`; x itself outside one.
 
   Model code marks activations this way so that XLA keeps them batch-sharded and gathers fsdp-sharded weights
   for each matmul (what FSDP means) instead of splitting the contraction and all-reducing activations."""
-  mesh = jax.sharding.get_abstract_mesh()
-  rules = getattr(_ACTIVATION_RULES, "rules", None)
+  mesh, rules = jax.sharding.get_abstract_mesh(), activation_rules()
   if mesh.empty or rules is None:
     return x
   return jax.lax.with_sharding_constraint(x, spec_for_shape(x.shape, names, mesh, rules))

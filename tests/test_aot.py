@@ -44,7 +44,7 @@ def v5p_doc():
 
 def test_every_program_of_the_run_is_compiled_and_listed(v5p_doc):
   names = [r["name"] for r in v5p_doc["programs"]]
-  assert names == ["rollout_prefill", "rollout_decode", "eval_decode", "grpo_step", "grpo_logprobs",
+  assert names == ["rollout_prefill", "rollout_extend", "rollout_decode", "eval_decode", "grpo_step", "grpo_logprobs",
                    "ofsd_student_step", "ofsd_teacher_targets"]
   assert v5p_doc["devices"] == 4 and v5p_doc["processes"] == 1 and v5p_doc["mesh"] == {"data": 1, "fsdp": 4,
                                                                                         "tensor": 1}
@@ -136,3 +136,18 @@ def test_learner_collectives_move_weights_not_activations(v5p_doc):
       c = r["collectives"]
       assert c["all-gather"]["max_bytes"] <= largest * 2, (r["name"], c)
       assert c.get("all-reduce", {"max_bytes": 0})["max_bytes"] <= largest * 4, (r["name"], c)
+
+
+def test_splash_attention_is_compiled_in_and_shrinks_temporaries(v5p_doc):
+  """attention='auto' lowers the splash kernel into the TPU programs of full-sequence attention (learner steps,
+  teacher pass; the tiny prefill of 64 tokens is below the kernel's 128 and stays einsums) and needs fewer
+  temporary bytes than the einsum path ('xla'), whose float32 [T, T] scores the kernel never writes to HBM."""
+  rows = {r["name"]: r for r in v5p_doc["programs"]}
+  for name in ("grpo_step", "grpo_logprobs", "ofsd_student_step", "ofsd_teacher_targets"):
+    assert rows[name]["kernel_calls"] > 0, name
+  assert rows["rollout_prefill"]["kernel_calls"] == 0 and rows["rollout_decode"]["kernel_calls"] == 0
+  xla = aot_compile.compile_run(tiny_config(**{"model.attention": "xla"}), "v5p-8",
+                                only=("grpo_step", "ofsd_teacher_targets"))
+  for r in xla["programs"]:
+    assert r["kernel_calls"] == 0
+    assert rows[r["name"]]["temp_bytes"] < r["temp_bytes"], r["name"]

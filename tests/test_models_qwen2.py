@@ -128,10 +128,10 @@ def test_attention_causal_blocks_match_numpy(t, block):
   k, v = rng.randn(2, 2, t, 2, 8).astype(np.float32)
   pad = np.array([0, 4])  # left padding of each row
   mask = np.tril(np.ones((t, t), bool))[None] & (np.arange(t)[None, :] >= pad[:, None])[:, None, :]
-  got = np.asarray(qwen2.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+  real = np.arange(t)[None, :] >= pad[:, None]  # query rows of real tokens (padding rows are unspecified)
+  got = np.asarray(qwen2.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(real),
                                    dtype=jnp.float32, causal_block=block))
   ref = np_attention(q, k, v, mask)
-  real = np.arange(t)[None, :] >= pad[:, None]  # query rows of real tokens (padding rows are unspecified)
   np.testing.assert_allclose(got[real], ref[real], atol=1e-5, rtol=1e-5)
   assert np.all(np.isfinite(got))
 
@@ -161,6 +161,25 @@ def test_prefill_then_decode_equals_full_forward():
   for b, n in enumerate(lengths):
     full = np.asarray(qwen2.forward(params, TINY, jnp.asarray(seqs[b][None])))[0]
     np.testing.assert_allclose(np.stack(got[b]), full[n - 1:n + 4], atol=1e-5, rtol=0)
+
+
+def test_fresh_prefill_equals_prefill_over_the_cache():
+  """fresh=True (self-attention over the new tokens) gives the hidden states and cache of the general path (scores
+  over all S slots) on every real token; a row passing write_index = S takes nothing in both."""
+  params = random_params(TINY, seed=8)
+  tokens = np.random.RandomState(8).randint(0, TINY.vocab_size, (3, 6)).astype(np.int32)
+  counts = np.array([6, 4, 0])
+  starts = jnp.array([0, 0, 16])
+  cache = qwen2.init_cache(TINY, 3, 16)
+  h_f, c_f = qwen2.forward_with_cache(params, TINY, jnp.asarray(tokens), cache, starts, fresh=True)
+  h_g, c_g = qwen2.forward_with_cache(params, TINY, jnp.asarray(tokens), cache, starts)
+  real = np.arange(6)[None, :] < counts[:, None]
+  np.testing.assert_allclose(np.asarray(h_f)[real], np.asarray(h_g)[real], atol=1e-5, rtol=0)
+  for l in range(TINY.num_layers):
+    np.testing.assert_allclose(np.asarray(c_f.v[l])[:, :, :6][real[:, None].repeat(2, 1)],
+                               np.asarray(c_g.v[l])[:, :, :6][real[:, None].repeat(2, 1)], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.asarray(c_f.k[l])[2], 0)  # the row that took nothing
+    np.testing.assert_array_equal(np.asarray(c_g.k[l])[2], 0)
 
 
 def test_extend_chunk_and_out_of_range_slots_are_dropped():

@@ -12,6 +12,10 @@ def get() -> ml_collections.ConfigDict:
   c.remat = "full"  # per-layer rematerialization: 'none' | 'full' (save nothing) | 'dots' (save matmul outputs)
   c.seed = 0  # init seed when starting from a preset
   c.attention_block = 128  # query rows per causal attention block (skips keys after the block; 0 = off). Speed only
+  # Causal self-attention (training, teacher scoring, prefill): 'auto' = the Pallas splash kernel when compiled for
+  # TPU (sequence lengths that are multiples of 128), einsums elsewhere; 'xla' = einsums; 'splash' = the kernel
+  # everywhere it applies (Pallas' interpreter off TPU: for tests). Results agree to float rounding
+  c.attention = "auto"
   # Shape overrides on top of the preset (None = keep the preset's value); e.g. tiny demo models.
   c.vocab_size = config_dict.placeholder(int)
   c.hidden_size = config_dict.placeholder(int)

@@ -523,7 +523,7 @@ def model_from_config(block, mesh: jax.sharding.Mesh | None = None, rules=shardi
                       rng: jax.Array | None = None) -> tuple[qwen2.Qwen2Config, dict]:
   """(cfg, params) from a `model` config block (configs/parts/model.py).
 
-  hf_dir set: load that checkpoint (param_dtype, dtype and remat from the block); shape fields that are set must
+  hf_dir set: load that checkpoint (its numerics from the block: qwen2.numerics_from_block); shape fields that are set must
   agree with its config.json. Otherwise: random init of the preset (+ shape overrides) with seed `block.seed` (or
   `rng`). With a mesh the params are created directly in their sharded layout.
   """
@@ -534,10 +534,7 @@ def model_from_config(block, mesh: jax.sharding.Mesh | None = None, rules=shardi
       if want is not None and want != getattr(cfg, f):
         raise ValueError(f"config model.{f}={want!r} disagrees with {block.hf_dir}/{CONFIG_FILE} "
                          f"({f}={getattr(cfg, f)!r}); unset it or fix the checkpoint")
-    cfg = cfg.replace(remat=block.remat)
-    if "attention_block" in block and block["attention_block"] is not None:
-      cfg = cfg.replace(attention_block=int(block["attention_block"]))
-    return cfg, params
+    return cfg.replace(**qwen2.numerics_from_block(block)), params
   cfg = qwen2.config_from_block(block)
   rng = jax.random.key(block.seed) if rng is None else rng
   if mesh is None:

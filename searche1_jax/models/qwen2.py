@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from searche1_jax import sharding as shd
+from searche1_jax.models import splash
 
 Params = dict[str, Any]
 
@@ -40,6 +41,10 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 REMAT_MODES = ("none", "full", "dots")  # rematerialization of each decoder layer in the backward pass
+# Causal self-attention (training, teacher scoring, prefill): 'xla' = einsums; 'splash' = the Pallas splash
+# kernel wherever the sequence length allows (models/splash.py; interpreted off TPU: for tests); 'auto' = the
+# kernel when lowered for TPU, einsums elsewhere. Attention over a KV cache (decode, extend) is always einsums.
+ATTENTION_MODES = ("auto", "xla", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,7 @@ class Qwen2Config:
   # Query rows per block of full-sequence causal attention (each block skips the keys after it; 0 = no blocks).
   # Performance only: results equal the unblocked computation up to float rounding.
   attention_block: int = 128
+  attention: str = "auto"  # see ATTENTION_MODES
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -72,6 +78,8 @@ class Qwen2Config:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.attention_block < 0:
       raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
+    if self.attention not in ATTENTION_MODES:
+      raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
     if self.remat not in REMAT_MODES:
       raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
     for f in ("param_dtype", "dtype"):
@@ -121,19 +129,27 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
                 "head_dim", "rope_theta", "tie_word_embeddings")
 
 
+# Numerics a `model` config block sets on top of a preset or a checkpoint's shapes (dtype, param_dtype and remat
+# always; the others where the block has them).
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention_block", "attention")
+
+
+def numerics_from_block(block) -> dict[str, Any]:
+  """The NUMERICS_FIELDS a `model` config block sets, as Qwen2Config overrides."""
+  return {f: block[f] for f in NUMERICS_FIELDS if f in block and block[f] is not None}
+
+
 def config_from_block(block) -> Qwen2Config:
   """Qwen2Config from a `model` config block (configs/parts/model.py) that names a preset.
 
-  Shape fields left None keep the preset's value; dtype, param_dtype and remat are always taken from the block.
+  Shape fields left None keep the preset's value; the numerics come from the block (numerics_from_block).
   (A block with hf_dir set is read by searche1_jax.models.hf.model_from_config.)
   """
   overrides = {f: block[f] for f in SHAPE_FIELDS if f in block and block[f] is not None}
   if "head_dim" not in overrides and ("hidden_size" in overrides or "num_heads" in overrides):
     overrides["head_dim"] = 0  # re-derive hidden_size // num_heads instead of keeping the preset's
   try:
-    if "attention_block" in block and block["attention_block"] is not None:
-      overrides["attention_block"] = int(block["attention_block"])
-    return preset(block.preset, dtype=block.dtype, param_dtype=block.param_dtype, remat=block.remat, **overrides)
+    return preset(block.preset, **overrides, **numerics_from_block(block))
   except ValueError as e:
     raise ValueError(f"config model: {e}") from None
 
@@ -217,15 +233,28 @@ def _heads_last(out):
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, hd)
 
 
-def attention(q, k, v, key_mask, *, dtype, causal_block: int = 0):
-  """Grouped-query softmax attention. q [B, T, H, hd]; k, v [B, S, K, hd]; key_mask [B, T, S] bool -> [B, T, H, hd].
+def attention(q, k, v, token_mask, *, dtype, causal_block: int = 0, kernel: str = "xla"):
+  """Causal grouped-query self-attention over this call's tokens. q [B, T, H, hd]; k, v [B, T, K, hd];
+  token_mask [B, T] bool (True = real token; None = all real) -> [B, T, H, hd].
 
-  Scores and softmax are float32; the two matmuls run in `dtype`. causal_block > 0 asserts that key_mask is
-  causal with S == T (self-attention over this call's tokens): queries are then processed in blocks of that
-  many rows and each block only scores the keys up to its last row (the rest are masked anyway), which skips
-  about half the attention work. Results equal the unblocked computation.
+  A query attends the real keys at or before it. kernel: one of ATTENTION_MODES; 'splash' and 'auto' use
+  the Pallas kernel where models/splash.py supports the length, the einsum path otherwise.
   """
+  if token_mask is None:
+    token_mask = jnp.ones(q.shape[:2], bool)
+  einsum = functools.partial(_einsum_self_attention, dtype=dtype, causal_block=causal_block)
+  if kernel == "xla" or not splash.supported(q.shape[1]):
+    return einsum(q, k, v, token_mask)
+  return splash.attention(q, k, v, token_mask, dtype=dtype, fallback=einsum if kernel == "auto" else None)
+
+
+def _einsum_self_attention(q, k, v, token_mask, *, dtype, causal_block: int):
+  """attention() with einsums. Scores and softmax are float32; the two matmuls run in `dtype`. With
+  causal_block > 0 queries are processed in blocks of that many rows and each block only scores the keys up
+  to its last row (the rest are masked anyway), which skips about half the attention work; results equal the
+  unblocked computation."""
   t = q.shape[1]
+  key_mask = jnp.tril(jnp.ones((t, t), bool))[None] & token_mask.astype(bool)[:, None, :]
   # Heads-major layouts ([B, K, g, T, hd], [B, K, S, hd]) make both matmuls plain batched matmuls whose outputs
   # need no transpose, with S on the minor axis for the softmax.
   q = _heads_major_queries(q, k.shape[2], dtype)
@@ -278,11 +307,12 @@ class Attention(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes, "head_dim")))
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, cache_kv=None, write_index=None):
-    """x: [B, T, D]; positions: [B, T]; key_mask: [B, T, S] bool (True = may attend).
+  def __call__(self, x, positions, mask, cache_kv=None, write_index=None):
+    """x: [B, T, D]; positions: [B, T]; mask: [B, T] bool (True = real token) for causal self-attention over
+    this call's tokens, or [B, T, S] bool (True = may attend) for attention over all S cache slots.
 
-    Without a cache S = T and keys are this call's tokens. With `cache_kv` = (k [B, K, hd, S], v [B, K, S, hd])
-    the new keys/values are written at slots write_index[b] + t and attention runs over all S slots.
+    With `cache_kv` = (k [B, K, hd, S], v [B, K, S, hd]) the new keys/values are written at slots
+    write_index[b] + t; a [B, T] mask then means a prefill from slot 0 (the cache holds nothing else to attend).
     Returns (out [B, T, D], updated (k, v) or None).
     """
     cfg = self.cfg
@@ -290,14 +320,16 @@ class Attention(nn.Module):
     k = rope(self._proj("k", cfg.num_kv_heads, "kv_heads")(x), positions, cfg.rope_theta)
     v = self._proj("v", cfg.num_kv_heads, "kv_heads")(x)
     new_kv = None
-    if cache_kv is None:
-      out = attention(q, k, v, key_mask, dtype=cfg.dtype, causal_block=cfg.attention_block)
-    else:
+    if cache_kv is not None:
       ck = _write_cache(cache_kv[0], k.transpose(0, 2, 3, 1), write_index, 3)  # [B, K, hd, S]
       cv = _write_cache(cache_kv[1], v.transpose(0, 2, 1, 3), write_index, 2)  # [B, K, S, hd]
       new_kv = (ck, cv)
+    if mask.ndim == 2:
+      out = attention(q, k, v, mask, dtype=cfg.dtype, causal_block=cfg.attention_block, kernel=cfg.attention)
+    else:
       q = _heads_major_queries(q, cfg.num_kv_heads, cfg.dtype)
-      out = _heads_last(_attend(q, ck.astype(cfg.dtype), cv.astype(cfg.dtype), key_mask, "bkds", cfg.dtype))
+      ck, cv = new_kv
+      out = _heads_last(_attend(q, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask, "bkds", cfg.dtype))
     out = nn.DenseGeneral(features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="o",
                           kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")))(out)
@@ -320,10 +352,10 @@ class DecoderLayer(nn.Module):
   cfg: Qwen2Config
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, cache_kv=None, write_index=None):
+  def __call__(self, x, positions, mask, cache_kv=None, write_index=None):
     cfg = self.cfg
     h, new_kv = Attention(cfg, name="attn")(
-        RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="input_norm")(x), positions, key_mask, cache_kv,
+        RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="input_norm")(x), positions, mask, cache_kv,
         write_index)
     x = x + h
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="post_norm")(x))
@@ -342,7 +374,7 @@ def _boxed_init(cfg: Qwen2Config, rng: jax.Array) -> Params:
   k_embed, k_layers, k_head = jax.random.split(rng, 3)
   x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
   pos = jnp.zeros((1, 1), jnp.int32)
-  mask = jnp.ones((1, 1, 1), bool)
+  mask = jnp.ones((1, 1), bool)
   layer_init = lambda k: DecoderLayer(cfg).init(k, x, pos, mask)["params"]
   layers = jax.vmap(layer_init)(jax.random.split(k_layers, cfg.num_layers))
   # jax.vmap stacks the boxed values but not their names: prepend the 'layers' axis.
@@ -381,14 +413,15 @@ def head_kernel(params: Params, cfg: Qwen2Config) -> jax.Array:
 
 # ----------------------------------------------------------------------------------------------- forward
 
-def _run_layers(params: Params, cfg: Qwen2Config, x, positions, key_mask, cache: KVCache | None,
+def _run_layers(params: Params, cfg: Qwen2Config, x, positions, mask, cache: KVCache | None,
                 write_index=None):
+  """mask: as Attention's ([B, T] token mask or [B, T, S] key mask over the cache)."""
   layer = DecoderLayer(cfg)
 
   if cache is None:
     def body(h, layer_params):
       h = shd.constrain(h, ("batch", "length", None))
-      h, _ = layer.apply({"params": layer_params}, h, positions, key_mask)
+      h, _ = layer.apply({"params": layer_params}, h, positions, mask)
       return shd.constrain(h, ("batch", "length", None)), None
     if cfg.remat != "none":
       policy = (jax.checkpoint_policies.nothing_saveable if cfg.remat == "full"
@@ -402,7 +435,7 @@ def _run_layers(params: Params, cfg: Qwen2Config, x, positions, key_mask, cache:
   ks, vs = [], []
   for i in range(cfg.num_layers):
     layer_params = jax.tree.map(lambda a: a[i], params["layers"])
-    x, (lk, lv) = layer.apply({"params": layer_params}, x, positions, key_mask, (cache.k[i], cache.v[i]),
+    x, (lk, lv) = layer.apply({"params": layer_params}, x, positions, mask, (cache.k[i], cache.v[i]),
                               write_index)
     ks.append(lk)
     vs.append(lv)
@@ -417,9 +450,7 @@ def _positions_and_mask(tokens, positions, attention_mask):
   if positions is None:
     # Left padding: real tokens count positions from 0.
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  key_mask = causal[None] & attention_mask[:, None, :]
-  return positions.astype(jnp.int32), key_mask
+  return positions.astype(jnp.int32), attention_mask
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -430,9 +461,9 @@ def hidden_states(params: Params, cfg: Qwen2Config, tokens: jax.Array, positions
   attention_mask [B, T] (1 = real token) masks padded keys; positions default to the count of real tokens
   before each one, so left padding is handled.
   """
-  positions, key_mask = _positions_and_mask(tokens, positions, attention_mask)
+  positions, token_mask = _positions_and_mask(tokens, positions, attention_mask)
   x = _embed_module(cfg).apply({"params": params["embed"]}, tokens)
-  x, _ = _run_layers(params, cfg, x, positions, key_mask, None)
+  x, _ = _run_layers(params, cfg, x, positions, token_mask, None)
   return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype).apply({"params": params["final_norm"]}, x)
 
 
@@ -451,20 +482,25 @@ def forward(params: Params, cfg: Qwen2Config, tokens: jax.Array, positions: jax.
 
 
 def forward_with_cache(params: Params, cfg: Qwen2Config, tokens: jax.Array, cache: KVCache,
-                       write_index: jax.Array) -> tuple[jax.Array, KVCache]:
+                       write_index: jax.Array, fresh: bool = False) -> tuple[jax.Array, KVCache]:
   """Run T new tokens per sequence against the KV cache; the building block of prefill, extend and decode.
 
   tokens [B, T] are placed at positions write_index[b] + t (slot == position). Padding tokens past a
   sequence's real length may be written too: they sit above that sequence's length and are overwritten by
   the next real token before any query can attend to them.
+  fresh (static): every row that takes tokens starts at slot 0 (a prefill; rows passing write_index = S take
+  nothing), so attention is causal self-attention over the T new tokens (the splash kernel where configured)
+  instead of scores over all S slots.
   Returns (hidden [B, T, D] after the final norm, updated cache).
   """
   b, t = tokens.shape
   positions = (write_index[:, None] + jnp.arange(t)[None, :]).astype(jnp.int32)
-  slots = jnp.arange(cache.length)
-  key_mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  if fresh:
+    mask = jnp.ones((b, t), bool)
+  else:
+    mask = jnp.arange(cache.length)[None, None, :] <= positions[:, :, None]  # [B, T, S]
   x = _embed_module(cfg).apply({"params": params["embed"]}, tokens)
-  x, cache = _run_layers(params, cfg, x, positions, key_mask, cache, write_index.astype(jnp.int32))
+  x, cache = _run_layers(params, cfg, x, positions, mask, cache, write_index.astype(jnp.int32))
   x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype).apply({"params": params["final_norm"]}, x)
   return x, cache
 

@@ -95,6 +95,13 @@ def token_logprobs(params, cfg: qwen2.Qwen2Config, tokens: jax.Array, targets: j
   the others are 0 (they must cover every position where mask is 1).
   """
   hidden = qwen2.hidden_states(params, cfg, tokens, positions, attention_mask)
+  return _score_hidden(params, cfg, hidden, targets, mask, chunk_size, temperature, return_entropy, target_index,
+                       target_valid)
+
+
+def _score_hidden(params, cfg: qwen2.Qwen2Config, hidden, targets, mask, chunk_size, temperature, return_entropy,
+                  target_index, target_valid):
+  """token_logprobs from the hidden states hidden [B, T, D] that predict targets [B, T]."""
   head = qwen2.head_kernel(params, cfg)
   kw = dict(chunk_size=chunk_size, temperature=temperature, compute_dtype=cfg.dtype, return_entropy=return_entropy)
   if target_index is None:
@@ -104,7 +111,7 @@ def token_logprobs(params, cfg: qwen2.Qwen2Config, tokens: jax.Array, targets: j
   valid = target_valid.astype(bool)
   picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
   outs = logprobs_from_hidden(picked, head, jnp.take_along_axis(targets, index, axis=1), valid, **kw)
-  rows = jnp.arange(tokens.shape[0])[:, None]
+  rows = jnp.arange(targets.shape[0])[:, None]
   unpack = lambda o: jnp.zeros(targets.shape, jnp.float32).at[rows, index].add(o)  # o is 0 where not valid
   outs = tuple(unpack(o) for o in (outs if return_entropy else (outs,)))
   if mask is not None:
@@ -140,12 +147,15 @@ def shifted_logprobs(params, cfg: qwen2.Qwen2Config, batch, *, chunk_size: int, 
                      return_entropy: bool = False):
   """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1 on policy tokens: [B, T-1] float32 (0 where
   loss_mask[:, 1:] is 0), and the entropy [B, T-1] in nats if return_entropy. Chunked: no [B, T, V] array.
-  A batch with target_index / target_valid (agent.trajectory.packed_targets) projects only those positions."""
+  A batch with target_index / target_valid (agent.trajectory.packed_targets) projects only those positions.
+
+  The model runs over all T tokens and the last hidden state (which predicts nothing) is dropped: causal
+  attention leaves the others as over tokens[:, :-1], and the attention length stays the batch's bucket, which
+  the splash kernel needs (a multiple of 128)."""
   tokens = batch["tokens"].astype(jnp.int32)
-  return token_logprobs(params, cfg, tokens[:, :-1], tokens[:, 1:], batch["loss_mask"][:, 1:], chunk_size,
-                        attention_mask=batch["attention_mask"][:, :-1], temperature=temperature,
-                        return_entropy=return_entropy, target_index=batch.get("target_index"),
-                        target_valid=batch.get("target_valid"))
+  hidden = qwen2.hidden_states(params, cfg, tokens, attention_mask=batch["attention_mask"])[:, :-1]
+  return _score_hidden(params, cfg, hidden, tokens[:, 1:], batch["loss_mask"][:, 1:], chunk_size, temperature,
+                       return_entropy, batch.get("target_index"), batch.get("target_valid"))
 
 
 def align_to_tokens(x: jax.Array) -> jax.Array:

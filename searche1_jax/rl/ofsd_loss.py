@@ -99,9 +99,12 @@ _TEACHER_FIELDS = {"teacher_tokens": 2, "teacher_attention_mask": 2, "teacher_po
 
 
 def student_hidden(params, cfg: qwen2.Qwen2Config, batch) -> jax.Array:
-  """[B, T-1, D] hidden states of the student inputs tokens[:, :-1] (position t predicts token t+1)."""
+  """[B, T-1, D] hidden states of the student inputs tokens[:, :-1] (position t predicts token t+1).
+
+  The model runs over all T tokens and the last position is dropped (causal: the others are unchanged), so the
+  attention length stays the batch's bucket, which the splash kernel needs (a multiple of 128)."""
   tokens = batch["tokens"].astype(jnp.int32)
-  return qwen2.hidden_states(params, cfg, tokens[:, :-1], attention_mask=batch["attention_mask"][:, :-1])
+  return qwen2.hidden_states(params, cfg, tokens, attention_mask=batch["attention_mask"])[:, :-1]
 
 
 def aligned_teacher_hidden(teacher_params, cfg: qwen2.Qwen2Config, batch, index: jax.Array | None = None) -> jax.Array:

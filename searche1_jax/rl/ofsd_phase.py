@@ -337,21 +337,24 @@ def _open_targets(directory: str, n: int, k: int):
 # ----------------------------------------------------------------------------------------------- teacher pass
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk_size", "temperature"))
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "chunk_size", "temperature", "mesh", "rules"))
 def teacher_topk(params, cfg: qwen2.Qwen2Config, teacher_tokens, teacher_attention_mask, gather_idx, gather_mask,
-                 *, k: int, chunk_size: int, temperature: float):
+                 *, k: int, chunk_size: int, temperature: float, mesh=None, rules=shd.DEFAULT_RULES):
   """The teacher's top-k next-token ids / log-probs at selected positions of its own sequences.
 
   Args:
     teacher_tokens, teacher_attention_mask: [B, Tt]; gather_idx [B, N] int: teacher positions whose next-token
     distribution is wanted; gather_mask [B, N].
+    mesh, rules: the mesh the inputs are sharded over (None: one device); the model's activations are laid out
+      by it (sharding.activation_mesh), which the splash-attention kernel needs to run per shard.
   Returns:
     ids [B, N, k] int32, logprobs [B, N, k] float32 (0 where gather_mask is 0). Chunked: no [B, N, V] array.
   """
-  h = qwen2.hidden_states(params, cfg, teacher_tokens, attention_mask=teacher_attention_mask)
-  h = jnp.take_along_axis(h, gather_idx[..., None].astype(jnp.int32), axis=1)
-  return ofsd.chunked_teacher_topk(h, qwen2.head_kernel(params, cfg), gather_mask, k, chunk_size,
-                                   temperature=temperature)
+  with shd.activation_mesh(mesh, rules):
+    h = qwen2.hidden_states(params, cfg, teacher_tokens, attention_mask=teacher_attention_mask)
+    h = jnp.take_along_axis(h, gather_idx[..., None].astype(jnp.int32), axis=1)
+    return ofsd.chunked_teacher_topk(h, qwen2.head_kernel(params, cfg), gather_mask, k, chunk_size,
+                                     temperature=temperature)
 
 
 def data_parallel_rows(rows: int, mesh, rules=shd.DEFAULT_RULES) -> int:
@@ -371,13 +374,15 @@ def _row_batches(order: Sequence[int], rows: int) -> list[list[int]]:
 def compute_teacher_targets(teacher_params, cfg: qwen2.Qwen2Config, layouts: Sequence[privileged.PairLayout], *,
                             k: int, temperature: float, chunk_size: int, rows: int, out_ids: np.ndarray,
                             out_logprobs: np.ndarray, target_offsets: np.ndarray,
-                            pad_to: int | Sequence[int] | None = None, batch_sharding=None) -> None:
+                            pad_to: int | Sequence[int] | None = None, mesh=None,
+                            rules=shd.DEFAULT_RULES) -> None:
   """Fill out_ids / out_logprobs [N, k] (rows target_offsets[i]:... for pair i) with one teacher pass.
 
   Pairs are sorted by teacher length and run `rows` at a time; the teacher length and the number of distilled
   tokens are padded to bucket lengths (powers of two, or `pad_to`), so compilations stay few. Short batches are
-  filled with copies of their first row, masked out.
+  filled with copies of their first row, masked out. With a mesh the rows are sharded over its batch axes.
   """
+  batch_sharding = None if mesh is None else shd.batch_sharding(mesh, 1, rules)
   order = sorted(range(len(layouts)), key=lambda i: (layouts[i].teacher_ids.shape[0], i))
   for chunk in _row_batches(order, rows):
     t_len = trajectory_lib.bucket_length(max(layouts[i].teacher_ids.shape[0] for i in chunk), pad_to)
@@ -399,7 +404,8 @@ def compute_teacher_targets(teacher_params, cfg: qwen2.Qwen2Config, layouts: Seq
     batch = (toks, att, idx, gmask)
     if batch_sharding is not None:
       batch = jax.device_put(batch, batch_sharding)
-    ids, lps = teacher_topk(teacher_params, cfg, *batch, k=k, chunk_size=chunk_size, temperature=temperature)
+    ids, lps = teacher_topk(teacher_params, cfg, *batch, k=k, chunk_size=chunk_size, temperature=temperature,
+                            mesh=mesh, rules=tuple(rules))
     ids, lps = np.asarray(ids), np.asarray(lps)
     for j, i in enumerate(chunk):
       s, e = target_offsets[i], target_offsets[i + 1]
@@ -470,12 +476,11 @@ def build_buffer(teacher_params, cfg: qwen2.Qwen2Config, trajectories_by_questio
       ids = np.zeros((n_targets, k), np.int32)
       lps = np.zeros((n_targets, k), logprob_dtype)
     if layouts:
-      batch_sharding = None if mesh is None else shd.batch_sharding(mesh, 1, rules)
       compute_teacher_targets(teacher_params, cfg, layouts, k=k, temperature=dopts.temperature,
                               chunk_size=dopts.chunk_size,
                               rows=data_parallel_rows(popts.micro_batch_size, mesh, rules), out_ids=ids,
-                              out_logprobs=lps, target_offsets=target_offsets, pad_to=pad_to,
-                              batch_sharding=batch_sharding)
+                              out_logprobs=lps, target_offsets=target_offsets, pad_to=pad_to, mesh=mesh,
+                              rules=rules)
     if popts.storage == "disk":
       ids.flush()
       lps.flush()

@@ -36,7 +36,7 @@ class Programs:
   def __init__(self, cfg: qwen2.Qwen2Config, mesh=None, rules=sharding.DEFAULT_RULES):
     self.cfg, self.mesh, self.rules = cfg, mesh, rules
     self.new_state = jax.jit(self._new_state, static_argnames=("batch", "length"))
-    self.extend = jax.jit(self._extend, donate_argnums=(1, 2))
+    self.extend = jax.jit(self._extend, donate_argnums=(1, 2), static_argnames=("fresh",))
     self.decode = jax.jit(self._decode, static_argnames=("greedy", "top_k", "use_top_p", "steps"),
                           donate_argnums=(1, 2))
     self.relayout = jax.jit(self._relayout, static_argnames=("length",))
@@ -67,16 +67,19 @@ class Programs:
     return self._constrain_state(qwen2.init_cache(cfg, batch, length),
                                  jnp.zeros((batch, cfg.hidden_size), cfg.dtype))
 
-  def _extend(self, params, cache, last_hidden, tokens, starts, counts):
+  def _extend(self, params, cache, last_hidden, tokens, starts, counts, fresh: bool = False):
     """Append tokens [B, T] at slots starts[b] .. starts[b] + counts[b] - 1 (prefill is extend from 0).
 
     Rows that take nothing pass starts = S (the physical cache length): all their writes fall off the cache
     and are dropped. Padding columns past counts[b] are written above the row's new length, where the next
-    real token overwrites them before any query can see them. Returns (cache, last_hidden).
+    real token overwrites them before any query can see them. fresh (static): every row that takes tokens
+    starts at 0 (a prefill), so attention need not read the cache (qwen2.forward_with_cache).
+    Returns (cache, last_hidden).
     """
     TRACE_COUNTS["extend"] += 1
     tokens = self._constrain(tokens.astype(jnp.int32), ("batch", None))
-    hidden, cache = qwen2.forward_with_cache(params, self.cfg, tokens, cache, starts.astype(jnp.int32))
+    with sharding.activation_mesh(self.mesh, self.rules):  # the splash kernel's shard_map needs the mesh
+      hidden, cache = qwen2.forward_with_cache(params, self.cfg, tokens, cache, starts.astype(jnp.int32), fresh)
     last = jnp.maximum(counts - 1, 0)
     h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     last_hidden = jnp.where((counts > 0)[:, None], h_last.astype(last_hidden.dtype), last_hidden)

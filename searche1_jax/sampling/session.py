@@ -338,8 +338,9 @@ class Session:
         tokens[r, :len(c)] = c
         starts[r] = self._lengths[i]
         counts[r] = len(c)
+      fresh = all(self._lengths[i] == 0 for i in chunks)  # a prefill: nothing in the cache to attend
       self._cache, self._last_hidden = self._prog.extend(self._params, self._cache, self._last_hidden, tokens,
-                                                         starts, counts)
+                                                         starts, counts, fresh=fresh)
       self.stats["extend_calls"] += 1
       for i, c in chunks.items():
         self._tokens[i] += c

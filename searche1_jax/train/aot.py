@@ -141,7 +141,7 @@ def model_config(block) -> qwen2.Qwen2Config:
   if path and os.path.isfile(path):
     with open(path) as f:
       cfg = hf.config_from_hf(json.load(f))
-    return cfg.replace(dtype=block.dtype, param_dtype=block.param_dtype, remat=block.remat)
+    return cfg.replace(**qwen2.numerics_from_block(block))
   return qwen2.config_from_block(block)
 
 
@@ -295,13 +295,16 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
   rows = shapes.rollout_rows
   cache, hidden, cache_bytes = state(rows)
   tokens = rows * shapes.extend
-  out.append(Program(
-      "rollout_prefill", prog.extend,
-      (params, cache, hidden, rowvec(rows, jnp.int32, shapes.extend), rowvec(rows, jnp.int32),
-       rowvec(rows, jnp.int32)), {},
-      flops=forward_flops(cfg, tokens, shapes.cache, head_tokens=0) / chips,
-      hbm_bytes=n_params * p_bytes + 2 * cache_bytes / chips,
-      shapes=f"{rows} rows x {shapes.extend} tokens, cache {shapes.cache}"))
+  # The first call of a prompt (every row from slot 0: causal self-attention over its tokens, the splash kernel
+  # where configured) and a later one (a long prompt's next chunk, an observation: attention over the cache).
+  for name, fresh, context in (("rollout_prefill", True, shapes.extend / 2), ("rollout_extend", False, shapes.cache)):
+    out.append(Program(
+        name, prog.extend,
+        (params, cache, hidden, rowvec(rows, jnp.int32, shapes.extend), rowvec(rows, jnp.int32),
+         rowvec(rows, jnp.int32)), {"fresh": fresh},
+        flops=forward_flops(cfg, tokens, context, head_tokens=0) / chips,
+        hbm_bytes=n_params * p_bytes + 2 * cache_bytes / chips,
+        shapes=f"{rows} rows x {shapes.extend} tokens, cache {shapes.cache}"))
 
   width, slots, eos = s.stop_width, max(s.stop_slots, 64), s.eos_slots
   for name, rows, greedy in (("rollout_decode", shapes.rollout_rows, False), ("eval_decode", shapes.eval_rows, True)):
@@ -390,7 +393,8 @@ def _ofsd_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Program]
             _sds((r, tt), jnp.int32, bs(r, tt)),
             _sds((r, k), jnp.int32, bs(r, k)), _sds((r, k), jnp.bool_, bs(r, k)))
     out.append(Program("ofsd_teacher_targets", ofsd_phase.teacher_topk, (args[0], cfg, *args[1:]),
-                       dict(k=d.top_k, chunk_size=d.chunk_size, temperature=d.temperature),
+                       dict(k=d.top_k, chunk_size=d.chunk_size, temperature=d.temperature, mesh=mesh,
+                            rules=tuple(rules)),
                        flops=forward_flops(cfg, r * tt, tt / 2, head_tokens=r * k) / chips,
                        hbm_bytes=n_params * 2, shapes=f"{r} rows x {tt} teacher tokens, top-{d.top_k}"))
   return out
@@ -450,7 +454,8 @@ def _oom_bytes(message: str) -> int | None:
 
 
 def compile_program(program: Program, chip: Chip | None) -> dict:
-  """Lower and compile `program`; per-chip memory (bytes), fits, compile seconds, collectives, roofline estimate.
+  """Lower and compile `program`; per-chip memory (bytes), fits, compile seconds, collectives, roofline estimate,
+  and kernel_calls: the Pallas (Mosaic) kernel calls in the compiled HLO, e.g. splash attention's.
 
   XLA's TPU compiler refuses a program whose buffers exceed HBM (RESOURCE_EXHAUSTED): the row then says
   fits=False with the bytes XLA reported needing (temp_bytes, or peak_bytes) and no collectives.
@@ -466,14 +471,16 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
     if need is None or "RESOURCE_EXHAUSTED" not in str(e):
       raise
     row.update(args_bytes=0, output_bytes=0, temp_bytes=need, alias_bytes=0, peak_bytes=need,
-               compile_s=round(time.perf_counter() - t0, 2), collectives={}, error=str(e).splitlines()[0][:300])
+               compile_s=round(time.perf_counter() - t0, 2), collectives={}, kernel_calls=0,
+               error=str(e).splitlines()[0][:300])
   else:
-    mem = compiled.memory_analysis()
+    mem, text = compiled.memory_analysis(), compiled.as_text()
     args, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     temp, alias = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
     peak = args + out_b - alias + temp + int(getattr(mem, "generated_code_size_in_bytes", 0))
     row.update(args_bytes=args, output_bytes=out_b, temp_bytes=temp, alias_bytes=alias, peak_bytes=peak,
-               compile_s=round(time.perf_counter() - t0, 2), collectives=collectives(compiled.as_text()))
+               compile_s=round(time.perf_counter() - t0, 2), collectives=collectives(text),
+               kernel_calls=text.count('custom_call_target="tpu_custom_call"'))
   if chip is not None:
     peak = row["peak_bytes"]
     row.update(hbm_bytes=chip.hbm_bytes, headroom_bytes=chip.hbm_bytes - peak,
@@ -485,7 +492,7 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
 def format_table(rows: Sequence[dict]) -> str:
   """The compile table as text: one line per program, GiB per chip."""
   head = f"{'program':22s} {'args':>7s} {'out':>7s} {'temp':>7s} {'alias':>7s} {'peak':>7s} {'HBM':>6s} " \
-         f"{'fits':>4s} {'est s':>8s} {'compile s':>9s}  collectives"
+         f"{'fits':>4s} {'est s':>8s} {'compile s':>9s} {'kern':>4s}  collectives"
   lines = [head, "-" * len(head)]
   for r in rows:
     g = lambda k: f"{r[k] / GIB:7.2f}" if k in r else f"{'-':>7s}"
@@ -493,5 +500,6 @@ def format_table(rows: Sequence[dict]) -> str:
                      for k, v in sorted(r["collectives"].items()))
     lines.append(f"{r['name']:22s} {g('args_bytes')} {g('output_bytes')} {g('temp_bytes')} {g('alias_bytes')} "
                  f"{g('peak_bytes')} {r.get('hbm_bytes', 0) / GIB:6.1f} {('yes' if r.get('fits') else 'NO'):>4s} "
-                 f"{r.get('est_step_s', float('nan')):8.3f} {r['compile_s']:9.1f}  {coll or '-'}")
+                 f"{r.get('est_step_s', float('nan')):8.3f} {r['compile_s']:9.1f} {r.get('kernel_calls', 0):4d}  "
+                 f"{coll or '-'}")
   return "\n".join(lines)

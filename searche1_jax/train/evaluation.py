@@ -33,7 +33,7 @@ from searche1_jax import rewards, sharding
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.agent import trajectory as trajectory_lib
 from searche1_jax.data import qa
-from searche1_jax.models import hf
+from searche1_jax.models import hf, qwen2
 from searche1_jax.retrieval import make_retriever
 from searche1_jax.train import checkpoint
 
@@ -212,6 +212,7 @@ def evaluate_from_config(config, workdir: str, *, checkpoint: str | None = None,
   if hf.is_hf_checkpoint(ckpt):
     model_cfg, params = models.load_hf(ckpt, dtype=jnp.dtype(config.model.get("param_dtype", "float32")),
                                        mesh=mesh, rules=rules, compute_dtype=config.model.get("dtype", None))
+    model_cfg = model_cfg.replace(**qwen2.numerics_from_block(config.model))  # remat, attention from the config
     model_dir = ckpt
   else:
     model_cfg, params = load_trainer_checkpoint(ckpt, config, mesh, rules)

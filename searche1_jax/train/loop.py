@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from searche1_jax import config_utils, models, sharding
+from searche1_jax import config_utils, sharding
 from searche1_jax import distributed
 from searche1_jax import rewards
 from searche1_jax import sampling
@@ -191,11 +191,8 @@ class Trainer:
                        "(a Qwen2.5 download, or the demo's warm start)")
     if not hf.is_hf_checkpoint(self.hf_dir):
       raise FileNotFoundError(f"config.model.hf_dir={self.hf_dir!r}: no config.json + *.safetensors there")
-    self.model_cfg, self.init_params = models.load_hf(
-        self.hf_dir, dtype=jnp.dtype(model_block.get("param_dtype", "float32")), mesh=self.mesh, rules=self.rules,
-        compute_dtype=model_block.get("dtype", None))
-    if model_block.get("remat", "none") != self.model_cfg.remat:
-      self.model_cfg = self.model_cfg.replace(remat=model_block.get("remat", "none"))
+    # The checkpoint's shapes with the block's numerics (dtypes, remat, attention).
+    self.model_cfg, self.init_params = hf.model_from_config(model_block, mesh=self.mesh, rules=self.rules)
     tokenizer_dir = model_block.get("tokenizer_dir", "") or self.hf_dir
     self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     self.tokenizer_dir = tokenizer_dir
