@@ -151,3 +151,16 @@ def test_splash_attention_is_compiled_in_and_shrinks_temporaries(v5p_doc):
   for r in xla["programs"]:
     assert r["kernel_calls"] == 0
     assert rows[r["name"]]["temp_bytes"] < r["temp_bytes"], r["name"]
+
+
+def test_prefill_and_extend_gather_weights_not_activations(v5p_doc):
+  """The sampler's prefill / extend pin activations batch-sharded too: no all-reduce of [rows, T, D] partial sums
+  (the tiny run's 64 rows x 64 tokens x 256 in float32 = 4 MiB, twice its largest weight in float32)."""
+  cfg = aot.model_config(tiny_config().model)
+  abstract = jax.eval_shape(lambda: qwen2.init_params(cfg, jax.random.key(0)))
+  largest = max(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+  for r in v5p_doc["programs"]:
+    if r["name"] in ("rollout_prefill", "rollout_extend"):
+      c = r["collectives"]
+      assert c.get("all-reduce", {"max_bytes": 0})["max_bytes"] <= largest * 4, (r["name"], c)
+      assert c["all-gather"]["max_bytes"] <= largest * 2, (r["name"], c)

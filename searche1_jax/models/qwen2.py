@@ -432,11 +432,14 @@ def _run_layers(params: Params, cfg: Qwen2Config, x, positions, mask, cache: KVC
 
   # With a cache the layers are unrolled: each updates its own cache arrays in place (inside a scan the
   # per-layer slices of a stacked cache are copied in and out of the carry on every step).
+  # Activations are pinned batch-sharded (as in the scan above), so XLA gathers each layer's fsdp-sharded weights
+  # rather than all-reducing partial matmul sums over the sharded embed axis.
   ks, vs = [], []
   for i in range(cfg.num_layers):
     layer_params = jax.tree.map(lambda a: a[i], params["layers"])
-    x, (lk, lv) = layer.apply({"params": layer_params}, x, positions, mask, (cache.k[i], cache.v[i]),
-                              write_index)
+    x, (lk, lv) = layer.apply({"params": layer_params}, shd.constrain(x, ("batch", "length", None)), positions,
+                              mask, (cache.k[i], cache.v[i]), write_index)
+    x = shd.constrain(x, ("batch", "length", None))
     ks.append(lk)
     vs.append(lv)
   return x, KVCache(tuple(ks), tuple(vs))

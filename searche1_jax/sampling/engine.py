@@ -78,7 +78,10 @@ class Programs:
     """
     TRACE_COUNTS["extend"] += 1
     tokens = self._constrain(tokens.astype(jnp.int32), ("batch", None))
-    with sharding.activation_mesh(self.mesh, self.rules):  # the splash kernel's shard_map needs the mesh
+    # Activations batch-sharded: XLA gathers each layer's weights instead of all-reducing [rows, T, D] partial sums
+    # (a prefill moves far more activation than weight bytes); and the splash kernel's shard_map needs the mesh.
+    # Decode stays unconstrained: one token per row, so partial sums are the smaller thing to move.
+    with sharding.activation_mesh(self.mesh, self.rules):
       hidden, cache = qwen2.forward_with_cache(params, self.cfg, tokens, cache, starts.astype(jnp.int32), fresh)
     last = jnp.maximum(counts - 1, 0)
     h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
