@@ -154,6 +154,14 @@ def global_batch(local_arrays, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES):
   return jax.tree.map(one, local_arrays)
 
 
+def fetch(tree):
+  """numpy values of a pytree of jax.Arrays on every process: jax.device_get where each array is fully addressable
+  here (one process), else an all-gather across processes (arrays sharded over a multi-host mesh)."""
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  return process_allgather(tree)
+
+
 def process_allgather(tree):
   """Every process gets the full value of each (possibly non-addressable) global array, as numpy."""
   return multihost_utils.process_allgather(tree, tiled=True)

@@ -87,6 +87,21 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _sample(params, cfg, mesh) -> dict:
+  """A sampler session over `mesh` on every question: prefill, a sampled decode, an extend (as an observation
+  would be), a second decode. Every process steers every row; the decode batch is one program over the mesh."""
+  from searche1_jax import sampling
+
+  prompts = [list(map(int, row[:3 + i % 5])) for i, row in enumerate(_tokens_for(range(NUM_ITEMS)))]
+  sess = sampling.Session(params, cfg, prompts, max_len=48, temperature=1.0, seed=11, mesh=mesh)
+  first = sess.decode(10, eos_ids=[1])
+  sess.extend({i: [5, 6, 7] for i in sess.live})
+  second = sess.decode(6)
+  return dict(tokens=[sess.tokens(i) for i in range(NUM_ITEMS)],
+              logprobs=[np.asarray(sess.logprobs(i)).tolist() for i in range(NUM_ITEMS)],
+              reasons=[first.stop_reason, second.stop_reason])
+
+
 def _worker(process_id: int, port: int, out_path: str) -> None:
   import jax
   import ml_collections
@@ -113,11 +128,12 @@ def _worker(process_id: int, port: int, out_path: str) -> None:
   params = jax.tree.map(lambda p: jax.make_array_from_process_local_data(sharding.replicated(mesh), p), params)
   tokens = distributed.global_batch(_tokens_for(mine), mesh)
   logits = jax.jit(qwen2.forward, static_argnums=1)(params, cfg, tokens)
+  sampled = _sample(params, cfg, mesh)
   result = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                 device_count=jax.device_count(), local_device_count=jax.local_device_count(), mine=mine,
                 global_shape=list(x.shape), total=np.asarray(total).tolist(),
                 psum=np.asarray(distributed.process_allgather(psum)).tolist(),
-                logits=np.asarray(distributed.process_allgather(logits)).tolist())
+                logits=np.asarray(distributed.process_allgather(logits)).tolist(), sampled=sampled)
   with open(out_path, "w") as f:
     json.dump(result, f)
   jax.distributed.shutdown()
@@ -167,6 +183,16 @@ def test_two_processes_agree_over_loopback(tmp_path):
   assert got0.shape == want.shape == (NUM_ITEMS, 8, TINY["vocab_size"])
   np.testing.assert_array_equal(got0, got1)
   np.testing.assert_allclose(got0, want, atol=1e-5, rtol=1e-5)
+
+  # The sampler over the two-process mesh: both processes hold the same trajectories, and they equal one process
+  # running the same programs on a 2-device mesh (same partitioning: bit-equal tokens and log-probs).
+  from searche1_jax import sharding
+  assert r[0]["sampled"] == r[1]["sampled"]
+  one = _sample(qwen2.shard_params(params, cfg, sharding.make_mesh(data=-1, devices=jax.devices()[:2])), cfg,
+                sharding.make_mesh(data=-1, devices=jax.devices()[:2]))
+  assert r[0]["sampled"]["tokens"] == one["tokens"] and r[0]["sampled"]["reasons"] == one["reasons"]
+  np.testing.assert_array_equal(np.concatenate(r[0]["sampled"]["logprobs"]), np.concatenate(one["logprobs"]))
+  assert any(len(t) > 3 + 5 for t in one["tokens"])  # something was decoded
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":

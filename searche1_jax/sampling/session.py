@@ -26,10 +26,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
-import jax
 import numpy as np
 
-from searche1_jax import sharding
+from searche1_jax import distributed, sharding
 from searche1_jax.models import qwen2
 from searche1_jax.sampling import engine, ops
 from searche1_jax.sampling.options import SamplerOptions, bucket
@@ -261,7 +260,9 @@ class Session:
           np.float32(temperature if not greedy else 1.0), np.float32(top_p), greedy=greedy, top_k=top_k,
           use_top_p=top_p < 1.0, steps=opts.decode_chunk)
       self.stats["decode_chunks"] += 1
-      toks, lps, n_new, reason, window = jax.device_get((toks, lps, n_new, reason, window))
+      # Every process steers every row (the decode batch is one program over the whole mesh): all of them read
+      # the whole output.
+      toks, lps, n_new, reason, window = distributed.fetch((toks, lps, n_new, reason, window))
       still = []
       for i in active:
         r = self._row[i]
