@@ -47,6 +47,7 @@ def compile_run(config, topology_name: str, only=()) -> dict:
   config = config_utils.validate_config(config, num_devices=len(topo.devices))
   mesh, rules = aot.run_mesh(config, topo.devices)
   programs = aot.run_programs(config, mesh, rules)
+  shapes = aot.RunShapes.from_config(config, mesh)
   if only:
     unknown = sorted(set(only) - {p.name for p in programs})
     if unknown:
@@ -59,7 +60,17 @@ def compile_run(config, topology_name: str, only=()) -> dict:
     verdict = f"does NOT fit: XLA needs >= {r['peak_bytes'] / aot.GIB:.1f} GiB" if "error" in r else "compiled"
     print(f"{p.name} ({p.shapes}): {verdict} in {r['compile_s']:.1f} s", file=sys.stderr, flush=True)
   return {"topology": topo.name, "devices": len(topo.devices), "processes": topo.num_processes,
-          "mesh": dict(mesh.shape), "chip": topo.chip.as_dict(), "programs": rows}
+          "mesh": dict(mesh.shape), "chip": topo.chip.as_dict(), "programs": rows,
+          "estimates": aot.run_estimates(config, shapes, rows)}
+
+
+def _config_name(argv) -> str:
+  """'search_e1 3b' from the command line's --config configs/search_e1.py:model=3b,... (for the README row)."""
+  arg = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+              if a.split("=", 1)[0] in ("--config", "-config") and ("=" in a or i + 1 < len(argv))), "")
+  path, _, args = arg.partition(":")
+  model = next((kv.split("=", 1)[1] for kv in args.split(",") if kv.startswith("model=")), "")
+  return f"{os.path.splitext(os.path.basename(path))[0]} {model}".strip()
 
 
 def main(argv) -> None:
@@ -73,6 +84,12 @@ def main(argv) -> None:
   print(f"{doc['topology']}: {doc['devices']} chips ({doc['chip']['name']}, "
         f"{doc['chip']['hbm_bytes'] / aot.GIB:.1f} GiB HBM each), {doc['processes']} process(es), mesh {doc['mesh']}")
   print(aot.format_table(doc["programs"]))
+  e = doc["estimates"]
+  print("roofline ESTIMATES, not measurements: GRPO learner step "
+        + ("-" if e["grpo_step_s"] is None else f"{e['grpo_step_s']:.1f} s")
+        + ", GRPO rollout (upper bound: every turn to max_response_length) "
+        + ("-" if e["rollout_s"] is None else f"{e['rollout_s']:.1f} s"))
+  print("README row:", aot.summary_row(doc, _config_name(sys.argv)))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(doc, f, indent=2)

@@ -6,9 +6,12 @@ CPU (one process: the helpers reduce to plain device_put semantics) and on a mul
   maybe_initialize(config)         jax.distributed.initialize when a multi-host environment is detected or asked for
   host_shard(items, i, n)          the deterministic share of a list that process i of n loads
   global_batch(local_arrays, mesh) one global jax.Array per leaf, batch axis sharded over the mesh's data axes
+  fetch(tree)                      numpy values of (possibly multi-host) arrays on every process
+  allgather_json(value)            every process's small host value (e.g. retrieved passages), on every process
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Sequence
@@ -160,6 +163,19 @@ def fetch(tree):
   if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
     return jax.device_get(tree)
   return process_allgather(tree)
+
+
+def allgather_json(value) -> list:
+  """[value of process 0, value of process 1, ...] on every process, for small JSON-serializable host values
+  (e.g. retrieved passages): sizes first, then the padded UTF-8 bytes, as two all-gathers."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(rows[i, :n].tobytes().decode()) for i, n in enumerate(sizes)]
 
 
 def process_allgather(tree):

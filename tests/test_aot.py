@@ -164,3 +164,20 @@ def test_prefill_and_extend_gather_weights_not_activations(v5p_doc):
       c = r["collectives"]
       assert c.get("all-reduce", {"max_bytes": 0})["max_bytes"] <= largest * 4, (r["name"], c)
       assert c["all-gather"]["max_bytes"] <= largest * 2, (r["name"], c)
+
+
+def test_estimates_and_the_readme_row(v5p_doc):
+  """The per-step and per-rollout estimates combine the programs' roofline seconds as the trainer runs them."""
+  config = tiny_config()
+  est = {r["name"]: r["est_step_s"] for r in v5p_doc["programs"]}
+  updates = 8 // 4  # prompts_per_step / mini_batch_prompts, one PPO epoch
+  recompute = est["grpo_logprobs"] if config.grpo.old_logprobs == "recompute" else 0.0
+  assert np.isclose(v5p_doc["estimates"]["grpo_step_s"], updates * est["grpo_step"] + recompute)
+  waves, turns, chunks = 1, config.protocol.max_turns + 1, 32 // 8  # 40 rows in one bucket; 32 tokens, chunks of 8
+  want = waves * (est["rollout_prefill"] + turns * chunks * est["rollout_decode"] + (turns - 1) * est["rollout_extend"])
+  assert np.isclose(v5p_doc["estimates"]["rollout_s"], want)
+  row = aot.summary_row(v5p_doc, "search_e1 3b")
+  big = max(v5p_doc["programs"], key=lambda r: r["peak_bytes"])
+  assert row.startswith(f"| search_e1 3b | v5p-8 | {big['name']} | ") and "| yes |" in row
+  assert aot_compile._config_name(["x", "--config", "configs/search_e1.py:model=7b,mesh=v5e-16"]) == "search_e1 7b"
+  assert aot_compile._config_name(["x", "--config=configs/demo.py:smoke"]) == "demo"

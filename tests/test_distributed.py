@@ -102,6 +102,36 @@ def _sample(params, cfg, mesh) -> dict:
               reasons=[first.stop_reason, second.stop_reason])
 
 
+class _EchoRetriever:
+  """Passages named after their query; records the queries it was asked; fails on the query 'boom'."""
+
+  def __init__(self):
+    self.calls = []
+
+  def retrieve(self, queries, topk):
+    from searche1_jax.retrieval.passage import Passage
+    self.calls.append(list(queries))
+    if "boom" in queries:
+      raise ValueError("boom")
+    return [[Passage(id=f"{q}/{k}", title=q.upper(), text=f"{q} text", score=float(k)) for k in range(topk)]
+            for q in queries]
+
+
+def _retrieve_sharded() -> dict:
+  """HostShardedRetriever over two processes: each searches its share; both return every query's passages."""
+  from searche1_jax.retrieval.retriever import HostShardedRetriever
+  inner = _EchoRetriever()
+  r = HostShardedRetriever(inner)
+  got = r.retrieve([f"q{i}" for i in range(5)], 2)
+  try:
+    r.retrieve(["a", "boom", "c"], 1)
+    error = None
+  except RuntimeError as e:
+    error = str(e)
+  return dict(ids=[[p.id for p in row] for row in got], titles=[row[0].title for row in got], calls=inner.calls,
+              error=error)
+
+
 def _worker(process_id: int, port: int, out_path: str) -> None:
   import jax
   import ml_collections
@@ -129,11 +159,13 @@ def _worker(process_id: int, port: int, out_path: str) -> None:
   tokens = distributed.global_batch(_tokens_for(mine), mesh)
   logits = jax.jit(qwen2.forward, static_argnums=1)(params, cfg, tokens)
   sampled = _sample(params, cfg, mesh)
+  retrieved = _retrieve_sharded()
   result = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                 device_count=jax.device_count(), local_device_count=jax.local_device_count(), mine=mine,
                 global_shape=list(x.shape), total=np.asarray(total).tolist(),
                 psum=np.asarray(distributed.process_allgather(psum)).tolist(),
-                logits=np.asarray(distributed.process_allgather(logits)).tolist(), sampled=sampled)
+                logits=np.asarray(distributed.process_allgather(logits)).tolist(), sampled=sampled,
+                retrieved=retrieved)
   with open(out_path, "w") as f:
     json.dump(result, f)
   jax.distributed.shutdown()
@@ -193,6 +225,16 @@ def test_two_processes_agree_over_loopback(tmp_path):
   assert r[0]["sampled"]["tokens"] == one["tokens"] and r[0]["sampled"]["reasons"] == one["reasons"]
   np.testing.assert_array_equal(np.concatenate(r[0]["sampled"]["logprobs"]), np.concatenate(one["logprobs"]))
   assert any(len(t) > 3 + 5 for t in one["tokens"])  # something was decoded
+
+  # Host-sharded retrieval: each process searched only its contiguous share; both hold every query's passages.
+  want_ids = [[f"q{i}/0", f"q{i}/1"] for i in range(5)]
+  for x in r:
+    assert x["retrieved"]["ids"] == want_ids and x["retrieved"]["titles"] == [f"Q{i}" for i in range(5)]
+  assert r[0]["retrieved"]["calls"][0] == ["q0", "q1", "q2"] and r[1]["retrieved"]["calls"][0] == ["q3", "q4"]
+  # A failure on one process fails the call on both, naming where it happened.
+  assert r[0]["retrieved"]["calls"][1] == ["a", "boom"] and r[1]["retrieved"]["calls"][1] == ["c"]
+  for x in r:
+    assert x["retrieved"]["error"] == "process 0: ValueError: boom"
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":

@@ -100,7 +100,8 @@ class Encoder:
     self._tokenizer = tokenizer
     self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads
     self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    devices = list(devices) if devices is not None else jax.devices()
+    # The encoder runs on the host's own devices: retrieval is host-side work, each process on its own queries.
+    devices = list(devices) if devices is not None else jax.local_devices()
     self.num_devices = len(devices)
     self.batch_size = -(-int(batch_size) // self.num_devices) * self.num_devices
     mesh = Mesh(np.asarray(devices), ("data",))
@@ -147,7 +148,7 @@ class Encoder:
     defaults = default_prefixes or (None, None)
     query_prefix = defaults[0] if block.query_prefix == "auto" else block.query_prefix
     passage_prefix = defaults[1] if block.passage_prefix == "auto" else block.passage_prefix
-    devices = jax.devices(block.platform) if block.platform else jax.devices()
+    devices = jax.local_devices(backend=block.platform) if block.platform else jax.local_devices()
     if block.num_devices:
       if block.num_devices > len(devices):
         raise ValueError(f"retrieval.encoding.num_devices={block.num_devices} but only {len(devices)} "

@@ -5,6 +5,9 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
+
+from searche1_jax import distributed
 from searche1_jax.fingerprint import file_fingerprint, fingerprint_mismatch
 from searche1_jax.retrieval import index as index_lib
 from searche1_jax.retrieval.client import HttpRetriever
@@ -35,6 +38,29 @@ class IndexRetriever:
     found = {q: [dataclasses.replace(self.corpus[int(i)], score=float(s)) for s, i in zip(srow, irow) if i >= 0]
              for q, srow, irow in zip(unique, scores, ids)}
     return [list(found[q]) for q in queries]
+
+
+class HostShardedRetriever:
+  """Each process retrieves its contiguous share of a call's queries (distributed.host_shard) with `inner`, and
+  the processes exchange the passages, so every process returns every query's results. On a multi-host run every
+  process steers every rollout row (sampling/session.py), so each would otherwise search the whole batch. A failure
+  on any process fails the call on all of them (the rollout's retries then run in step everywhere)."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def retrieve(self, queries: list[str], topk: int) -> list[list[Passage]]:
+    check_queries(queries, topk)
+    mine = distributed.host_shard(queries)
+    try:
+      local = {"ok": [[dataclasses.asdict(p) for p in r] for r in self.inner.retrieve(mine, topk)] if mine else []}
+    except Exception as e:  # noqa: BLE001  reported to every process, which raise it together
+      local = {"error": f"process {jax.process_index()}: {type(e).__name__}: {e}"}
+    parts = distributed.allgather_json(local)
+    errors = [p["error"] for p in parts if "error" in p]
+    if errors:
+      raise RuntimeError("; ".join(errors))
+    return [[Passage(**d) for d in r] for p in parts for r in p["ok"]]
 
 
 def check_corpus(manifest: dict, corpus_path: str, count_lines: bool, where: str) -> None:
@@ -100,4 +126,5 @@ def make_retriever(cfg: Any):
   else:
     raise ValueError(f"retrieval.backend={cfg.backend!r}: expected one of {BACKENDS}")
   rate = float(cfg.get("miss_rate", 0.0))
-  return MissingRetriever(retriever, rate, int(cfg.get("miss_seed", 0))) if rate > 0 else retriever
+  retriever = MissingRetriever(retriever, rate, int(cfg.get("miss_seed", 0))) if rate > 0 else retriever
+  return HostShardedRetriever(retriever) if jax.process_count() > 1 else retriever

@@ -414,6 +414,45 @@ def run_programs(config, mesh, rules) -> list[Program]:
   return programs
 
 
+def run_estimates(config, shapes: RunShapes, rows: Sequence[dict]) -> dict:
+  """Roofline ESTIMATES (seconds) of one GRPO step's learner work and of one GRPO rollout, from the programs'
+  est_step_s; None where a program they need was not compiled (--only) or did not fit.
+
+  grpo_step_s: updates per rollout batch (prompts_per_step / mini_batch_prompts x ppo_epochs) x grpo_step, plus
+    one grpo_logprobs pass (old log-probs recomputed; skipped when old_logprobs='sampler').
+  rollout_s: an upper bound: every wave of rollout rows (prompts_per_step x group_size / rollout rows) prefills
+    once and runs max_turns + 1 turns, each to max_response_length tokens (decode chunks of rollout_decode) and
+    each but the last followed by an extend (an observation).
+  """
+  est = {r["name"]: r["est_step_s"] for r in rows if r.get("fits") and "est_step_s" in r}
+  t, p, g = config.train, config.protocol, int(config.grpo.group_size)
+  out = {"grpo_step_s": None, "rollout_s": None}
+  if "grpo_step" in est and ("grpo_logprobs" in est or config.grpo.old_logprobs == "sampler"):
+    updates = max(1, int(t.prompts_per_step) // int(t.mini_batch_prompts)) * int(t.ppo_epochs)
+    recompute = est.get("grpo_logprobs", 0.0) if config.grpo.old_logprobs == "recompute" else 0.0
+    out["grpo_step_s"] = updates * est["grpo_step"] + recompute
+  if all(k in est for k in ("rollout_prefill", "rollout_extend", "rollout_decode")):
+    waves = -(-int(t.prompts_per_step) * g // shapes.rollout_rows)
+    turns = int(p.max_turns) + 1
+    chunks = -(-int(p.max_response_length) // shapes.decode_steps)
+    out["rollout_s"] = waves * (est["rollout_prefill"] + turns * chunks * est["rollout_decode"]
+                                + (turns - 1) * est["rollout_extend"])
+  return out
+
+
+def summary_row(doc: dict, config_name: str) -> str:
+  """One markdown row of the README's table: config, topology, the largest program with its per-chip peak / HBM
+  (GiB), whether every program fits, the estimates (run_estimates) and the total compile seconds."""
+  rows = doc["programs"]
+  big = max(rows, key=lambda r: r["peak_bytes"])
+  misses = [r["name"] for r in rows if not r["fits"]]
+  fmt = lambda x: "-" if x is None else f"{x:.1f}"
+  e = doc["estimates"]
+  return (f"| {config_name} | {doc['topology']} | {big['name']} | {big['peak_bytes'] / GIB:.1f} / "
+          f"{big['hbm_bytes'] / GIB:.1f} | {'yes' if not misses else 'no: ' + ', '.join(misses)} | "
+          f"{fmt(e['grpo_step_s'])} | {fmt(e['rollout_s'])} | {sum(r['compile_s'] for r in rows):.0f} |")
+
+
 # ----------------------------------------------------------------------------------------------- compile
 
 

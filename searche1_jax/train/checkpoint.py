@@ -125,7 +125,7 @@ def load_policy(path: str, step: int | None = None, *, mesh=None, rules=None, ho
       if mesh is not None:
         shards = qwen2.param_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES, abstract)
       else:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shards = jax.tree.map(lambda _: dev, abstract)
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shards)
     params = ckpt.restore_params(step, abstract)

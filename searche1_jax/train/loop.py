@@ -36,7 +36,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from searche1_jax import config_utils, sharding
-from searche1_jax import distributed
 from searche1_jax import rewards
 from searche1_jax import sampling
 from searche1_jax.agent import rollout as rollout_lib
@@ -203,8 +202,7 @@ class Trainer:
     data = config.data
     train = qa.load_split(data.train_dataset, data.train_split, qa.source_dir(data.train_dataset, data),
                           data.tfds_dir)
-    # Equal shards on every host (global batches are assembled from equal process-local parts).
-    train = distributed.host_shard(train, jax.process_index(), jax.process_count(), drop_remainder=True)
+    # Every process reads the whole stream: each steers every row of the (global) rollout and learner batches.
     self.stream = QuestionStream(train, _seed(config, "grpo-data"))
     self.ofsd_stream = QuestionStream(train, _seed(config, "ofsd-data"))
     self.benchmarks = evaluation.load_benchmarks(data)
