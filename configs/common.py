@@ -90,7 +90,9 @@ RESUME_MAY_CHANGE = (
     # Hardware layout like the mesh: it decides which sampler wave (and seed) a question lands in, not the method.
     "rollout.decode_slots",
     # The attention implementation (results agree to float rounding) and its blocking: speed and memory only.
-    "model.attention", "model.attention_block")
+    "model.attention", "model.attention_block",
+    # Learner memory layout (LEARNER): exact gradient accumulation, where the reference is scored and kept.
+    "grpo.num_microbatches", "ofsd.num_microbatches", "grpo.ref_logprobs", "grpo.ref_on_host")
 
 
 def resume_block() -> ml_collections.ConfigDict:
@@ -145,6 +147,22 @@ DECODE_SLOTS: dict[str, dict[str, int]] = {
 }
 
 
+# Learner memory per host type and model size, sized with `python -m launch.aot_compile` (docs/tpu.md has the
+# tables): GRPO micro-batches (gradient accumulation is exact: the update is the same) and where the frozen
+# reference lives. 'precompute' scores the reference in its own pass before the update, as Search-R1's separate
+# reference worker does, and ref_on_host keeps its weights in host memory between passes, so the learner step holds
+# no second copy of the model.
+LEARNER: dict[str, dict[str, dict[str, object]]] = {
+    "cpu": {"3b": {"grpo.num_microbatches": 20}, "7b": {"grpo.num_microbatches": 20}},
+    "v4-8": {"3b": {"grpo.num_microbatches": 80, "grpo.ref_logprobs": "precompute", "grpo.ref_on_host": True},
+             "7b": {"grpo.num_microbatches": 20}},  # 7B on v4-8: not sized (not a paper setting)
+    "v5p-8": {"3b": {"grpo.num_microbatches": 20}, "7b": {"grpo.num_microbatches": 40}},
+    "v5e-16": {"3b": {"grpo.num_microbatches": 20},  # 3B on v5e-16: not sized
+               "7b": {"grpo.num_microbatches": 160, "grpo.ref_logprobs": "precompute", "grpo.ref_on_host": True,
+                      "optim.mu_dtype": "bfloat16"}},
+}
+
+
 def apply_mesh_preset(config: ml_collections.ConfigDict, mesh: str, model: str) -> None:
   if mesh not in MESH_PRESETS:
     raise config_utils.ConfigError(f"mesh={mesh!r}: unknown mesh preset; known: {sorted(MESH_PRESETS)}")
@@ -153,7 +171,7 @@ def apply_mesh_preset(config: ml_collections.ConfigDict, mesh: str, model: str) 
                                    f"{sorted(MESH_PRESETS[mesh])}")
   data, fsdp, tensor = MESH_PRESETS[mesh][model]
   set_fields(config, {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
-                      "rollout.decode_slots": DECODE_SLOTS[mesh][model]})
+                      "rollout.decode_slots": DECODE_SLOTS[mesh][model], **LEARNER[mesh][model]})
 
 
 MODEL_SIZES = {"3b": ("qwen2.5-3b", "Qwen2.5-3B"), "7b": ("qwen2.5-7b", "Qwen2.5-7B")}

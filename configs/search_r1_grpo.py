@@ -3,8 +3,8 @@
 Settings follow PeterGriffinJin/Search-R1 `scripts/nq_hotpotqa/v0.2/train_grpo.sh` (docs/reference.md):
 train / val batch 512 / 256 prompts, n = 5 at temperature 1, max prompt / response / start / obs length
 4096 / 500 / 2048 / 500 tokens, lr 1e-6 with warmup ratio 0.285, KL in the loss (coef 0.001, k3), clip 0.2,
-grad clip 1.0, 1 PPO epoch, mini-batch 256 prompts, micro-batch 64 trajectories, 1005 steps, 4 search turns,
-top-3 passages of intfloat/e5-base-v2 over wiki-18, greedy validation.
+grad clip 1.0, 1 PPO epoch, mini-batch 256 prompts, micro-batch 64 trajectories (here a per-host memory setting,
+below), 1005 steps, 4 search turns, top-3 passages of intfloat/e5-base-v2 over wiki-18, greedy validation.
 
 Published average EM over NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle (docs/reference.md):
 
@@ -22,9 +22,14 @@ Arguments (`--config configs/search_r1_grpo.py:model=7b,mesh=v5e-16,root=/mnt/di
   mesh   'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu'          (configs/common.py MESH_PRESETS)
   root   directory with models/, raw/, tfds/, index/   (docs/tpu.md)
 
-The mesh preset also sets rollout.decode_slots (configs/common.DECODE_SLOTS): rollouts run in waves of at
-most that many sequences, because 512 x 5 sequences at 4096 tokens do not fit in HBM at once
-(python -m launch.aot_compile; docs/tpu.md).
+The mesh preset also sets what memory decides, measured with `python -m launch.aot_compile` (docs/tpu.md):
+  - rollout.decode_slots (configs/common.DECODE_SLOTS): rollouts run in waves of at most that many sequences,
+    because 512 x 5 sequences at 4096 tokens do not fit in HBM at once;
+  - the learner layout (configs/common.LEARNER): GRPO micro-batches (exact accumulation; Search-R1's 64
+    trajectories on v5p-8 3B, 16 on v4-8 3B, 32 on v5p-8 7B, 8 on v5e-16 7B), and on v4-8 3B and v5e-16 7B
+    the reference scored in its own pass with its weights in host memory (grpo.ref_logprobs='precompute',
+    ref_on_host; Search-R1's separate reference worker), plus a bfloat16 first Adam moment on v5e-16 7B;
+  - model.attention='auto': the splash-attention kernel on TPU (no [T, T] scores in HBM).
 """
 from configs import common
 
@@ -51,10 +56,11 @@ def search_r1_grpo_fields() -> dict:
       # protocol: 4 searching turns, top-3, lengths 4096 / 500 / 2048 / 500
       "protocol.max_turns": 4, "protocol.topk": 3, "protocol.max_prompt_length": 4096,
       "protocol.max_response_length": 500, "protocol.max_start_length": 2048, "protocol.max_obs_length": 500,
-      # loss: GRPO advantages, clip 0.2, KL 0.001 (k3) in the loss; micro-batches of 64 of the 1280 trajectories
+      # loss: GRPO advantages, clip 0.2, KL 0.001 (k3) in the loss. (Micro-batches, Search-R1's 64 of the 1280
+      # trajectories, are a memory setting: configs/common.LEARNER sets them per host type.)
       "grpo.estimator": "grpo", "grpo.group_size": 5, "grpo.temperature": 1.0, "grpo.clip_eps": 0.2,
       "grpo.clip_eps_high": 0.2, "grpo.kl_coef": 0.001,
-      "grpo.kl_estimator": "k3", "grpo.num_microbatches": 20,
+      "grpo.kl_estimator": "k3",
       # optimizer: lr 1e-6, warmup ratio 0.285, constant after, grad clip 1.0
       "optim.learning_rate": 1e-6, "optim.warmup_ratio": 0.285, "optim.schedule": "constant",
       "optim.grad_clip_norm": 1.0,

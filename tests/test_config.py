@@ -9,6 +9,7 @@ import sys
 import ml_collections
 import pytest
 
+from configs import common
 from searche1_jax import config_utils as cu
 from searche1_jax.config_utils import ConfigError
 
@@ -111,7 +112,12 @@ def test_experiment_configs_hold_the_published_recipes():
           r1.protocol.max_obs_length) == (4096, 500, 2048, 500)
   assert (r1.optim.learning_rate, r1.optim.warmup_ratio, r1.optim.grad_clip_norm) == (1e-6, 0.285, 1.0)
   assert (r1.grpo.kl_coef, r1.grpo.kl_estimator, r1.grpo.clip_eps) == (0.001, "k3", 0.2)
-  assert r1.train.mini_batch_prompts * r1.grpo.group_size // r1.grpo.num_microbatches == 64  # micro-batch 64
+  assert r1.train.mini_batch_prompts * r1.grpo.group_size == 1280  # trajectories per update (ppo_mini_batch 256)
+  # Micro-batches are a memory setting of the host type (configs/common.LEARNER), not part of the recipe.
+  for mesh in ("v4-8", "v5p-8", "v5e-16"):
+    for model in ("3b", "7b"):
+      c = load("search_r1_grpo", f"model={model},mesh={mesh}")
+      assert all(c[k.split(".")[0]][k.split(".")[1]] == v for k, v in common.LEARNER[mesh][model].items())
   assert (r1.train.grpo_steps_per_round * r1.train.num_rounds, r1.protocol.max_turns, r1.protocol.topk) == (1005, 4, 3)
   assert r1.rollout.eval.temperature == 0.0 and r1.ofsd.enabled is False
   e1 = load("search_e1")
@@ -162,7 +168,8 @@ def _errors(config) -> list[str]:
     ({"sampling.top_p": 0.0}, "sampling.top_p=0.0: must be > 0.0"),
     ({"grpo.tis_cap": 2.0, "grpo.old_logprobs": "sampler"}, "grpo.tis_cap=2.0: needs grpo.old_logprobs='recompute'"),
     ({"grpo.tis_cap": 0.5}, "grpo.tis_cap=0.5: must be 0 (off) or >= 1"),
-    ({"grpo.ref_on_host": True}, "grpo.ref_on_host=True: needs grpo.ref_logprobs='precompute'"),
+    ({"grpo.ref_on_host": True, "grpo.ref_logprobs": "in_step"},
+     "grpo.ref_on_host=True: needs grpo.ref_logprobs='precompute'"),
     ({"sampling.decode_chunk": 0}, "sampling.decode_chunk=0: must be >= 1"),
     ({"sampling.length_buckets": (16, 32)}, "sampling.max_extend=512: exceeds the largest of"),
     ({"ofsd.efficiency": "fast"}, "ofsd.efficiency='fast': must be one of"),
