@@ -152,14 +152,16 @@ DECODE_SLOTS: dict[str, dict[str, int]] = {
 # reference lives. 'precompute' scores the reference in its own pass before the update, as Search-R1's separate
 # reference worker does, and ref_on_host keeps its weights in host memory between passes, so the learner step holds
 # no second copy of the model.
+_OFSD = {"ofsd.num_microbatches": 4}  # the OFSD student step: 64 pairs per update in 4 micro-batches
 LEARNER: dict[str, dict[str, dict[str, object]]] = {
-    "cpu": {"3b": {"grpo.num_microbatches": 20}, "7b": {"grpo.num_microbatches": 20}},
-    "v4-8": {"3b": {"grpo.num_microbatches": 80, "grpo.ref_logprobs": "precompute", "grpo.ref_on_host": True},
-             "7b": {"grpo.num_microbatches": 20}},  # 7B on v4-8: not sized (not a paper setting)
-    "v5p-8": {"3b": {"grpo.num_microbatches": 20}, "7b": {"grpo.num_microbatches": 40}},
-    "v5e-16": {"3b": {"grpo.num_microbatches": 20},  # 3B on v5e-16: not sized
+    "cpu": {"3b": {"grpo.num_microbatches": 20, **_OFSD}, "7b": {"grpo.num_microbatches": 20, **_OFSD}},
+    "v4-8": {"3b": {"grpo.num_microbatches": 80, "grpo.ref_logprobs": "precompute", "grpo.ref_on_host": True,
+                    **_OFSD},
+             "7b": {"grpo.num_microbatches": 20, **_OFSD}},  # 7B on v4-8: not sized (not a paper setting)
+    "v5p-8": {"3b": {"grpo.num_microbatches": 20, **_OFSD}, "7b": {"grpo.num_microbatches": 40, **_OFSD}},
+    "v5e-16": {"3b": {"grpo.num_microbatches": 20, **_OFSD},  # 3B on v5e-16: not sized
                "7b": {"grpo.num_microbatches": 160, "grpo.ref_logprobs": "precompute", "grpo.ref_on_host": True,
-                      "optim.mu_dtype": "bfloat16"}},
+                      "optim.mu_dtype": "bfloat16", "ofsd.num_microbatches": 8, "ofsd.optim.mu_dtype": "bfloat16"}},
 }
 
 

@@ -53,7 +53,7 @@ def get_config(arg: str | None = None):
       "ofsd.context_format": "full", "ofsd.context_passages": True, "ofsd.context_answer": True,
       "ofsd.context_position": "after_question",
       "ofsd.group_size": 5, "ofsd.rollout_temperature": 1.0, "ofsd.questions_per_phase": 512,
-      "ofsd.epochs": 2, "ofsd.batch_size": 64, "ofsd.num_microbatches": 4, "ofsd.storage": "host",
+      "ofsd.epochs": 2, "ofsd.batch_size": 64, "ofsd.storage": "host",
       "ofsd.optim.learning_rate": 1e-6, "ofsd.optim.warmup_steps": 0, "ofsd.optim.schedule": "constant",
       "ofsd.optim.grad_clip_norm": 1.0,
   })

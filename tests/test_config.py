@@ -117,7 +117,11 @@ def test_experiment_configs_hold_the_published_recipes():
   for mesh in ("v4-8", "v5p-8", "v5e-16"):
     for model in ("3b", "7b"):
       c = load("search_r1_grpo", f"model={model},mesh={mesh}")
-      assert all(c[k.split(".")[0]][k.split(".")[1]] == v for k, v in common.LEARNER[mesh][model].items())
+      for k, v in common.LEARNER[mesh][model].items():
+        node = c
+        for part in k.split("."):
+          node = node[part]
+        assert node == v, (mesh, model, k)
   assert (r1.train.grpo_steps_per_round * r1.train.num_rounds, r1.protocol.max_turns, r1.protocol.topk) == (1005, 4, 3)
   assert r1.rollout.eval.temperature == 0.0 and r1.ofsd.enabled is False
   e1 = load("search_e1")
