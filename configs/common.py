@@ -142,8 +142,8 @@ MESH_PRESETS: dict[str, dict[str, tuple[int, int, int]]] = {
 DECODE_SLOTS: dict[str, dict[str, int]] = {
     "cpu": {"3b": 0, "7b": 0},
     "v4-8": {"3b": 256, "7b": 128},
-    "v5p-8": {"3b": 512, "7b": 512},
-    "v5e-16": {"3b": 256, "7b": 256},
+    "v5p-8": {"3b": 512, "7b": 256},  # 7B at 512: rollout_extend 94.5 of 95.0 GiB
+    "v5e-16": {"3b": 256, "7b": 128},  # 7B at 256: rollout_extend 14.0 of 14.9 GiB
 }
 
 
