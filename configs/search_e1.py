@@ -24,14 +24,8 @@ Published average EM over the seven benchmarks (docs/reference.md):
 Arguments (`--config configs/search_e1.py:model=7b,mesh=v5e-16,root=/mnt/disks/persist`):
   model  '3b' | '7b';  mesh  'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu';  root  data/model directory (see docs/tpu.md)
 
-The mesh preset also sets what memory decides, measured with `python -m launch.aot_compile` (docs/tpu.md):
-  - rollout.decode_slots (configs/common.DECODE_SLOTS): rollouts run in waves of at most that many sequences,
-    because 512 x 5 sequences at 4096 tokens do not fit in HBM at once;
-  - the learner layout (configs/common.LEARNER): GRPO micro-batches (exact accumulation; Search-R1's 64
-    trajectories on v5p-8 3B, 16 on v4-8 3B, 32 on v5p-8 7B, 8 on v5e-16 7B), and on v4-8 3B and v5e-16 7B
-    the reference scored in its own pass with its weights in host memory (grpo.ref_logprobs='precompute',
-    ref_on_host; Search-R1's separate reference worker), plus a bfloat16 first Adam moment on v5e-16 7B;
-  - model.attention='auto': the splash-attention kernel on TPU (no [T, T] scores in HBM).
+The mesh preset also sets the rollout waves, the learner's memory layout and the attention kernel, as for
+configs/search_r1_grpo.py (its docstring lists them; sized with `python -m launch.aot_compile`, docs/tpu.md).
 """
 from configs import common
 from configs import search_r1_grpo
