@@ -46,8 +46,8 @@ def compile_run(config, topology_name: str, only=()) -> dict:
   topo = aot.topology(topology_name)
   config = config_utils.validate_config(config, num_devices=len(topo.devices))
   mesh, rules = aot.run_mesh(config, topo.devices)
-  programs = aot.run_programs(config, mesh, rules)
   shapes = aot.RunShapes.from_config(config, mesh)
+  programs = aot.run_programs(config, mesh, rules, shapes)
   if only:
     unknown = sorted(set(only) - {p.name for p in programs})
     if unknown:

@@ -56,14 +56,10 @@ def _local_attention(q, k, v, segments, *, interpret: bool):
 
 def _specs(q_shape, kv_shape, mesh, rules):
   """PartitionSpecs (q/out, k/v, segments) for the shard_map: batch over its axes; heads over theirs when the
-  query and KV heads split into the same number of shards (each shard then keeps whole query groups)."""
+  query and KV heads split over the same mesh axes (each shard then keeps whole query groups)."""
   q_spec = shd.spec_for_shape(q_shape, ("batch", "heads", None, None), mesh, rules)
   kv_spec = shd.spec_for_shape(kv_shape, ("batch", "kv_heads", None, None), mesh, rules)
-
-  def size(axes):
-    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
-
-  if size(q_spec[1]) != size(kv_spec[1]) or q_spec[1] != kv_spec[1]:
+  if q_spec[1] != kv_spec[1]:
     q_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
     kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
   return q_spec, kv_spec, jax.sharding.PartitionSpec(q_spec[0], None)

@@ -400,10 +400,11 @@ def _ofsd_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Program]
   return out
 
 
-def run_programs(config, mesh, rules) -> list[Program]:
-  """Every jitted program a run of `config` executes, at its largest shapes, on `mesh`."""
+def run_programs(config, mesh, rules, shapes: RunShapes | None = None) -> list[Program]:
+  """Every jitted program a run of `config` executes, at its largest shapes (`shapes`, default: the config's),
+  on `mesh`."""
   cfg = model_config(config.model)
-  shapes = RunShapes.from_config(config, mesh)
+  shapes = shapes or RunShapes.from_config(config, mesh)
   ofsd_on = bool(config.ofsd.enabled)
   on_policy = (ofsd_phase.OfsdOptions.from_config(config.ofsd, config.protocol.template)
                if ofsd_on and config.ofsd.mode == "on_policy" else None)
