@@ -8,6 +8,7 @@ import types
 import numpy as np
 
 from searche1_jax.agent import protocol
+from searche1_jax.sampling import stops
 
 import configs.parts.protocol as protocol_part
 import configs.parts.rollout as rollout_part
@@ -43,8 +44,9 @@ def fake_logprob(position: int) -> float:
 class ScriptedSession:
   """Implements the DecodeSession protocol: sequence i emits scripts[i][k] (token ids) in its k-th decode call.
 
-  Like the sampler it stops after the first stop sequence in the call's output, at max_new_tokens and at max_len;
-  after its script runs out it emits `fallback` tokens. It records every call so tests can check the protocol.
+  Like the sampler it stops after the first stop in the call's output (a stops.StopAutomaton or token-id stop
+  sequences), at max_new_tokens and at max_len; after its script runs out it emits `fallback` tokens. It records
+  every call so tests can check the protocol.
   """
 
   def __init__(self, prompts, max_len, scripts, fallback=()):
@@ -64,17 +66,22 @@ class ScriptedSession:
                                 stop_reason=[None] * n)
     live = [i for i in range(n) if i not in self.finished]
     self.decode_calls.append((max_new_tokens, live))
+    automaton = stop_sequences if isinstance(stop_sequences, stops.StopAutomaton) else None
     for i in live:
       script = self.scripts[i]
       stream = list(script[self.turn[i]]) if self.turn[i] < len(script) else list(self.fallback)
       self.turn[i] += 1
-      new, reason = [], "length"
+      new, reason, state = [], "length", 0
       for t in stream:
         if len(new) >= max_new_tokens or len(self.seqs[i]) >= self.max_len:
           break
         new.append(t)
         self.seqs[i].append(t)
-        if any(len(s) and new[-len(s):] == list(s) for s in stop_sequences):
+        if automaton is not None:
+          state, fired = automaton.advance(state, t)
+        else:
+          fired = any(len(s) and new[-len(s):] == list(s) for s in stop_sequences)
+        if fired:
           reason = "stop_sequence"
           break
       out.tokens[i] = new

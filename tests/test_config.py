@@ -13,6 +13,8 @@ from configs import common
 from searche1_jax import config_utils as cu
 from searche1_jax.config_utils import ConfigError
 
+import testenv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("search_r1_grpo", "search_e1", "sd_search")
 
@@ -275,7 +277,7 @@ def test_prepare_validates_against_the_devices(tmp_path):
 # --------------------------------------------------------------------------------------------- the command line
 
 def _train(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=testenv.xla_flags(4))
   return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
 

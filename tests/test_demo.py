@@ -1,5 +1,5 @@
 """The embedded demo: warm-start tokenization/masks/batches, warm-start caching and its LM loss against
-transformers, and the smoke config end to end (launch/demo.py)."""
+transformers, and the smoke config end to end (launch/demo.py), with both notebooks on its checkpoint."""
 import contextlib
 import io
 import json
@@ -16,6 +16,8 @@ from searche1_jax.demo import synthetic_world as sw
 from searche1_jax.demo import tokenizer as tokenizer_lib
 from searche1_jax.demo import transcripts as transcripts_lib
 from searche1_jax.demo import warm_start
+
+import notebook_testlib
 
 
 def _smoke_config(cache: str):
@@ -293,6 +295,15 @@ def test_smoke_demo_end_to_end(tmp_path):
     assert stage in log2
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["rounds"] == rounds
+
+  # Both notebooks on this run's checkpoint. SOURCE='smoke' runs the smoke demo into WORKDIR (here: finds it
+  # finished and reuses it, as above), then the notebooks read its latest checkpoint.
+  nb, _ = notebook_testlib.execute("rollout_inspector.ipynb", SOURCE="smoke", WORKDIR=workdir, QUESTIONS=[0],
+                                   GROUP_SIZE=2, SMOKE_CONFIG=f"configs/demo.py:smoke,cache={tmp_path / 'cache'}")
+  assert f"policy: checkpoint of the demo run in {workdir}" in notebook_testlib.stdout_text(nb)
+  assert sum(h.startswith("<h4>sibling ") for h in notebook_testlib.outputs(nb, "text/html")) == 2
+  nb, _ = notebook_testlib.execute("ofsd_kl.ipynb", WORKDIR=workdir, WORK_DIR=str(tmp_path / "unused"))
+  assert f"model: the demo run's latest checkpoint in {workdir}" in notebook_testlib.stdout_text(nb)
 
 
 def test_em_series_follows_the_table_rows():

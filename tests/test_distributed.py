@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+import testenv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_ITEMS = 10  # questions; 2 processes -> 5 each
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -174,7 +176,7 @@ def _worker(process_id: int, port: int, out_path: str) -> None:
 @pytest.mark.slow
 def test_two_processes_agree_over_loopback(tmp_path):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=testenv.xla_flags(1),
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
     env.pop(k, None)

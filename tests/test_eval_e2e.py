@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from rollout_testlib import chain_params, make_tokenizer, search_answer_chain
+import testenv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +112,7 @@ def test_eval_in_process(setup, tmp_path):
 @pytest.mark.slow
 def test_eval_cli(setup, tmp_path):
   workdir = str(tmp_path / "cli")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=testenv.xla_flags(1))
   proc = subprocess.run(
       [sys.executable, "-m", "launch.eval", f"--config=configs/eval_tiny.py:root={setup['root']}",
        "--config.protocol.max_obs_length=500", f"--checkpoint={os.path.join(setup['root'], 'model')}",

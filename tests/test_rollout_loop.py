@@ -290,28 +290,21 @@ def _tagless_tokenizer():
   return PreTrainedTokenizerFast(tokenizer_object=t, clean_up_tokenization_spaces=False)
 
 
-def test_stop_strings_tokenized_in_context():
+def test_stop_strings_end_a_turn_however_they_are_tokenized():
   tok = _tagless_tokenizer()
   plain = enc(tok, "</search>")
   spaced = enc(tok, " </search>")
   assert len(plain) > 1 and spaced[-len(plain):] != plain  # after a space, '</search>' is other tokens
-  seqs = rollout.stop_token_sequences(tok, ["</search>"], [" "])
-  assert seqs == [plain, spaced]  # ' </' + 'search' + '>': the shortest suffix holding '</search>' is all of it
-  # The loop stops the turn right after the ' </search>' variant (the scripted session matches stop sequences).
+  # The loop stops the turn on the token that completes ' </search>' (the scripted session runs the rollout's stop
+  # automaton, as the sampler does on device): what the script has after it is never sampled.
   p_cfg, r_cfg = configs()
-  turn = "<search> capital </search>"
-  holder = []
-  res = rollout.run_rollouts(scripted_factory(tok, [[turn + " and more text", "<answer> Paris </answer>"]],
-                                              holder=holder), tok, ScriptedRetriever(), [QUESTION], p_cfg, r_cfg)
-  (traj,) = res.trajectories
-  s, e = traj.policy_spans[0]
-  assert tok.decode(traj.ids[s:e].tolist()) == turn
-  assert traj.queries == ["capital"] and traj.answer == "Paris"
-  r_cfg.stop_string_contexts = ()  # without the variants the turn runs on past '</search>'
-  res = rollout.run_rollouts(scripted_factory(tok, [[turn + " and more text", "<answer> Paris </answer>"]]), tok,
-                             ScriptedRetriever(), [QUESTION], p_cfg, r_cfg)
-  s, e = res.trajectories[0].policy_spans[0]
-  assert tok.decode(res.trajectories[0].ids[s:e].tolist()) == turn + " and more text"
+  for turn in ("<search> capital </search>", "<search> capital</search>", "<search>capital.</search>"):
+    res = rollout.run_rollouts(scripted_factory(tok, [[turn + " and more text", "<answer> Paris </answer>"]]), tok,
+                               ScriptedRetriever(), [QUESTION], p_cfg, r_cfg)
+    (traj,) = res.trajectories
+    s, e = traj.policy_spans[0]
+    assert tok.decode(traj.ids[s:e].tolist()) == turn
+    assert traj.queries == [turn[len("<search>"):-len("</search>")].strip()] and traj.answer == "Paris"
 
 
 def test_decode_slots_run_question_groups_in_waves(tok):

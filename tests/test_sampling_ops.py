@@ -60,28 +60,6 @@ def test_row_keys_depend_only_on_seed_sequence_and_position():
   assert not np.array_equal(d1[0], d1[1])
 
 
-def test_stop_matches_equals_python_reference():
-  rng = np.random.default_rng(3)
-  stops = [[1, 2], [3], [2, 2, 4, 1]]
-  table, valid = ops.stop_table(stops, width=8, slots=4)
-  windows = rng.integers(-1, 5, (500, 8)).astype(np.int32)
-  got = np.asarray(ops.stop_matches(jnp.asarray(windows), jnp.asarray(table), jnp.asarray(valid)))
-  want = [any(list(w[len(w) - len(s):]) == s for s in stops) for w in windows.tolist()]
-  np.testing.assert_array_equal(got, want)
-  assert 0 < got.sum() < len(got)
-  # Pushing a token shifts the window left.
-  w = ops.push_window(jnp.asarray(windows[:2]), jnp.array([7, 8]))
-  np.testing.assert_array_equal(np.asarray(w)[:, :-1], windows[:2, 1:])
-  np.testing.assert_array_equal(np.asarray(w)[:, -1], [7, 8])
-
-
-def test_stop_table_rejects_bad_input():
-  with pytest.raises(ValueError, match="length 0"):
-    ops.stop_table([[]], 8, 4)
-  with pytest.raises(ValueError, match="do not fit"):
-    ops.stop_table([[1]] * 5, 8, 4)
-
-
 def test_buckets():
   assert [bucket(n, (), 16, "x") for n in (0, 1, 16, 17, 100)] == [16, 16, 16, 32, 128]
   assert [bucket(n, (24, 8, 64), 1, "x") for n in (1, 8, 9, 64)] == [8, 8, 24, 64]

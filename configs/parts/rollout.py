@@ -12,9 +12,6 @@ def get() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Search queries longer than this many characters are cut to it (e5/MiniLM read at most 256 tokens anyway).
   c.max_query_chars = 512
-  # Texts that may precede a stop string (protocol.stop_strings); every distinct tokenization of stop string s after
-  # them is a stop sequence too (matters when '</search>' is several tokens, e.g. Qwen's ' </' after a space).
-  c.stop_string_contexts = ("", " ", "  ", "\n", "\n\n", ".", "?", "a", " a", "1")
   # Retries of one batched retriever call after the first attempt fails (any exception or a malformed result).
   c.retrieval_retries = 2
   # Delay before the first retry in seconds; doubles each retry, capped at retrieval_backoff_max_s.

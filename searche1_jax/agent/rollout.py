@@ -41,14 +41,15 @@ Trajectory = trajectory_lib.Trajectory
 class DecodeSession(Protocol):
   """The part of the sampler's stateful session that the rollout loop uses.
 
-  decode(max_new_tokens, stop_sequences) decodes every live sequence until it stops and returns an object with
+  decode(max_new_tokens, stop_sequences) decodes every live sequence until it stops (stop_sequences: a
+    sampling.stops.StopAutomaton of the protocol's stop strings) and returns an object with
     per-sequence-index lists `tokens[i]`, `logprobs[i]` (temperature-1 log-prob of each new token) and
     `stop_reason[i]` (sequences that were not live have empty lists).
   extend({i: token_ids}) appends external tokens to sequence i (its prefix is not recomputed).
   finish([i, ...]) marks sequences done; they no longer decode.
   """
 
-  def decode(self, max_new_tokens: int, stop_sequences: Sequence[Sequence[int]] = ()) -> Any:
+  def decode(self, max_new_tokens: int, stop_sequences: Any = ()) -> Any:
     ...
 
   def extend(self, tokens: Mapping[int, Sequence[int]]) -> None:
@@ -122,25 +123,6 @@ def merge_results(results: Sequence[RolloutResult], total_s: float) -> RolloutRe
 def build_prompt_ids(tokenizer, question: str, template: str) -> list[int]:
   """The prompt ids of one question: `protocol.encode_prompt` of `protocol.make_prompt(question, template)`."""
   return protocol.encode_prompt(tokenizer, protocol.make_prompt(question, template))
-
-
-def stop_token_sequences(tokenizer, stop_strings: Sequence[str], contexts: Sequence[str]) -> list[list[int]]:
-  """Token-id sequences the sampler stops on, for each stop string and the ways it may be tokenized.
-
-  With a tokenizer where `</search>` is not one token, the model can write it with different tokens depending on
-  what precedes it (e.g. ' </' + 'search' + '>' after a space). For each context c, this takes the shortest token
-  suffix of encode(c + s) whose text contains s; the distinct ones (plus encode(s) itself) are all stop sequences.
-  """
-  out: list[list[int]] = []
-  for s in stop_strings:
-    for c in [""] + list(contexts):
-      ids = list(tokenizer.encode(c + s, add_special_tokens=False))
-      for k in range(len(ids) - 1, -1, -1):
-        if s in tokenizer.decode(ids[k:], skip_special_tokens=False):
-          if ids[k:] not in out:
-            out.append(ids[k:])
-          break
-  return out
 
 
 def _cfg_value(cfg, name: str, block: str):
@@ -273,8 +255,8 @@ def run_rollouts(make_session: SessionFactory, tokenizer, retriever, questions: 
                      f"max_response_length >= 1; got {max_turns}, {topk}, {max_obs}, {max_turn_tokens}")
 
   stats = RolloutStats()
-  stop_sequences = stop_token_sequences(tokenizer, stop_strings,
-                                        list(_cfg_value(rollout_cfg, "stop_string_contexts", "rollout")))
+  # A turn ends on the token whose text completes a stop string, however the model tokenized it.
+  stop_automaton = sampling.stops.for_tokenizer(tokenizer, stop_strings)
   invalid_ids = list(tokenizer.encode(invalid_msg, add_special_tokens=False))
   error_ids = list(tokenizer.encode(error_msg, add_special_tokens=False))[:max_obs]
 
@@ -314,7 +296,7 @@ def run_rollouts(make_session: SessionFactory, tokenizer, retriever, questions: 
     if not live:
       break
     t0 = time.perf_counter()
-    out = session.decode(max_turn_tokens, stop_sequences=stop_sequences)
+    out = session.decode(max_turn_tokens, stop_sequences=stop_automaton)
     stats.decode_s += time.perf_counter() - t0
     stats.num_turns += 1
 

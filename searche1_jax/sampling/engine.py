@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from searche1_jax import sharding
 from searche1_jax.models import qwen2
-from searche1_jax.sampling import ops
+from searche1_jax.sampling import ops, stops
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
@@ -88,17 +88,17 @@ class Programs:
     last_hidden = jnp.where((counts > 0)[:, None], h_last.astype(last_hidden.dtype), last_hidden)
     return self._constrain_state(cache, last_hidden)
 
-  def _decode(self, params, cache, last_hidden, lengths, seq_ids, active, budget, window, stop_table, stop_valid,
-              eos_ids, max_len, seed, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool,
-              steps: int):
+  def _decode(self, params, cache, last_hidden, lengths, seq_ids, active, budget, stop_state, stop_table, eos_ids,
+              max_len, seed, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool, steps: int):
     """Up to `steps` decode steps for the active rows, in one lax.while_loop that exits once all rows stopped.
 
     Args (B rows): lengths [B] tokens held; seq_ids [B] (the RNG stream of the row); active [B] bool;
-    budget [B] tokens this row may still produce in this call; window [B, W] its recent tokens of this call
-    (NO_TOKEN filler); stop_table [N, W] / stop_valid [N] (ops.stop_table); eos_ids [E] (NO_TOKEN padded);
-    max_len: scalar cap on a row's length; seed int; temperature, top_p: scalars.
+    budget [B] tokens this row may still produce in this call; stop_state [B] int32, the row's state in the stop
+    automaton after what it decoded in this call (0 at the call's start); stop_table [S, V] int32
+    (stops.StopAutomaton); eos_ids [E] (NO_TOKEN padded); max_len: scalar cap on a row's length; seed int;
+    temperature, top_p: scalars.
     Returns (cache, last_hidden, tokens [B, steps] (-1 past n_new), logprobs [B, steps] f32 at temperature 1,
-    n_new [B], reason [B] (index into REASONS; 0 = the chunk ended first), window [B, W]).
+    n_new [B], reason [B] (index into REASONS; 0 = the chunk ended first), stop_state [B]).
     """
     TRACE_COUNTS["decode"] += 1
     cfg = self.cfg
@@ -106,7 +106,8 @@ class Programs:
     s = cache.length
     lengths = lengths.astype(jnp.int32)
     init = dict(i=jnp.int32(0), cache=cache, last_hidden=last_hidden, lengths=lengths, done=~active,
-                n_new=jnp.zeros((b,), jnp.int32), reason=jnp.zeros((b,), jnp.int32), window=window,
+                n_new=jnp.zeros((b,), jnp.int32), reason=jnp.zeros((b,), jnp.int32),
+                stop_state=stop_state.astype(jnp.int32),
                 tokens=jnp.full((b, steps), ops.NO_TOKEN, jnp.int32), logprobs=jnp.zeros((b, steps), jnp.float32))
 
     def cond(st):
@@ -123,21 +124,21 @@ class Programs:
       hidden, new_cache = qwen2.forward_with_cache(params, cfg, tok[:, None], st["cache"], write)
       lengths = st["lengths"] + live
       n_new = st["n_new"] + live
-      window = jnp.where(live[:, None], ops.push_window(st["window"], tok), st["window"])
-      code = jnp.select(
-          [ops.is_member(tok, eos_ids), ops.stop_matches(window, stop_table, stop_valid), n_new >= budget,
-           lengths >= max_len], [_EOS, _STOP, _LENGTH, _FULL], 0)
+      stop_state, stopped = stops.step(stop_table, st["stop_state"], tok)
+      stop_state = jnp.where(live, stop_state, st["stop_state"])
+      code = jnp.select([ops.is_member(tok, eos_ids), stopped, n_new >= budget, lengths >= max_len],
+                        [_EOS, _STOP, _LENGTH, _FULL], 0)
       code = jnp.where(live, code, 0)
       new_cache, new_hidden = self._constrain_state(
           new_cache, jnp.where(live[:, None], hidden[:, 0].astype(st["last_hidden"].dtype), st["last_hidden"]))
       return dict(i=st["i"] + 1, cache=new_cache, last_hidden=new_hidden, lengths=lengths,
                   done=st["done"] | (code > 0), n_new=n_new, reason=jnp.where(code > 0, code, st["reason"]),
-                  window=window, tokens=st["tokens"].at[:, st["i"]].set(jnp.where(live, tok, ops.NO_TOKEN)),
+                  stop_state=stop_state, tokens=st["tokens"].at[:, st["i"]].set(jnp.where(live, tok, ops.NO_TOKEN)),
                   logprobs=st["logprobs"].at[:, st["i"]].set(jnp.where(live, lp, 0.0)))
 
     st = jax.lax.while_loop(cond, body, init)
     # The small per-row outputs are replicated so every host of a multi-host mesh can read them.
-    small = [self._replicate(st[k]) for k in ("tokens", "logprobs", "n_new", "reason", "window")]
+    small = [self._replicate(st[k]) for k in ("tokens", "logprobs", "n_new", "reason", "stop_state")]
     return (st["cache"], st["last_hidden"], *small)
 
   def _relayout(self, cache, last_hidden, rows, *, length: int):

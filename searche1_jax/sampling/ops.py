@@ -1,17 +1,13 @@
-"""Pure on-device sampling math: token choice, log-probs, stop-sequence matching.
+"""Pure on-device sampling math: token choice, log-probs, EOS membership (stop strings: stops.py).
 
-Every function takes arrays and returns arrays (jit-able, no I/O). Shapes: B = batch rows, V = vocabulary,
-W = stop-window width, N = number of stop sequences.
+Every function takes arrays and returns arrays (jit-able, no I/O). Shapes: B = batch rows, V = vocabulary.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-# In a right-aligned stop table, WILDCARD marks a slot that is not part of that stop sequence.
-WILDCARD = -2
-# Filler of the recent-token window (and of padded EOS tables): never equal to a real token id (>= 0).
+# Filler of unused token slots (and of padded EOS tables): never equal to a real token id (>= 0).
 NO_TOKEN = -1
 
 
@@ -73,32 +69,6 @@ def token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def push_window(window: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Shift the recent-token window [B, W] left by one and put tokens [B] in the last column."""
-  return jnp.concatenate([window[:, 1:], tokens[:, None].astype(window.dtype)], axis=1)
-
-
-def stop_matches(window: jax.Array, table: jax.Array, valid: jax.Array) -> jax.Array:
-  """Whether the window ends with one of the stop sequences. window [B, W]; table [N, W] right-aligned with
-  WILDCARD padding on the left; valid [N] bool (padding rows of the table are invalid). Returns [B] bool."""
-  eq = (table[None] == WILDCARD) | (window[:, None, :] == table[None])
-  return jnp.any(jnp.all(eq, axis=-1) & valid[None], axis=-1)
-
-
 def is_member(tokens: jax.Array, ids: jax.Array) -> jax.Array:
   """tokens [B] in ids [E] (padded with NO_TOKEN) -> [B] bool."""
   return jnp.any(tokens[:, None] == ids[None, :], axis=-1)
-
-
-def stop_table(stop_sequences, width: int, slots: int) -> tuple[np.ndarray, np.ndarray]:
-  """Host side: a right-aligned [slots, width] int32 table and its valid [slots] mask for `stop_matches`."""
-  if len(stop_sequences) > slots:
-    raise ValueError(f"{len(stop_sequences)} stop sequences do not fit in {slots} table slots")
-  table = np.full((slots, width), WILDCARD, np.int32)
-  valid = np.zeros((slots,), bool)
-  for i, seq in enumerate(stop_sequences):
-    if not 0 < len(seq) <= width:
-      raise ValueError(f"stop sequence #{i} has length {len(seq)}; must be 1..{width}")
-    table[i, width - len(seq):] = seq
-    valid[i] = True
-  return table, valid

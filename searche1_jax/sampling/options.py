@@ -1,7 +1,7 @@
 """Engine knobs of the sampler (shape buckets, chunking, compaction) and the bucket rule.
 
 Every jitted program of the sampler is compiled per input shape, so shapes are rounded up to buckets: batch
-rows, tokens per prefill / extend call, physical cache length, stop-table size. A rollout of many turns then
+rows, tokens per prefill / extend call, physical cache length, stop-automaton states. A rollout of many turns then
 compiles a bounded number of programs. The block `configs/parts/sampling.py` holds the same fields.
 """
 from __future__ import annotations
@@ -48,8 +48,7 @@ class SamplerOptions:
   min_cache: int = _opt("int", 128, lo=1)  # smallest physical cache length
   grow_cache: bool = _opt("bool", True)  # True: the cache grows by buckets as sequences lengthen; False: max_len
   compact: bool = _opt("bool", True)  # move live rows into a smaller batch bucket once enough sequences finished
-  stop_width: int = _opt("int", 8, lo=1)  # smallest padded stop-sequence length (stop tables are [slots, width])
-  stop_slots: int = _opt("int", 4, lo=1)  # smallest padded number of stop sequences
+  stop_states: int = _opt("int", 32, lo=1)  # smallest padded number of stop-automaton states (tables: [states, V])
   eos_slots: int = _opt("int", 4, lo=1)  # smallest padded number of EOS ids
   pad_id: int = _opt("int", 0, lo=0)  # token id used for padding (never visible in results)
 

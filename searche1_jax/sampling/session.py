@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from searche1_jax import distributed, sharding
 from searche1_jax.models import qwen2
-from searche1_jax.sampling import engine, ops
+from searche1_jax.sampling import engine, ops, stops
 from searche1_jax.sampling.options import SamplerOptions, bucket
 
 
@@ -121,6 +122,7 @@ class Session:
     self._cache_len = self._cache_bucket(first)
     self._cache, self._last_hidden = self._prog.new_state(batch=self._batch, length=self._cache_len)
     self.stats = dict(extend_calls=0, decode_chunks=0, relayouts=0)
+    self._stop_tables: dict[tuple, jax.Array] = {}
     self._append(dict(enumerate(prompts)), policy=False)
 
   # ------------------------------------------------------------------------------------------ inspection
@@ -198,12 +200,14 @@ class Session:
     if clean:
       self._append(clean, policy=False)
 
-  def decode(self, max_new_tokens: int, stop_sequences: Sequence[Sequence[int]] = (), *,
+  def decode(self, max_new_tokens: int, stop_sequences: stops.StopAutomaton | Sequence[Sequence[int]] = (), *,
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              eos_ids: Sequence[int] | None = None) -> DecodeOutput:
-    """Decode every live sequence until it stops: an EOS id, the first complete occurrence of one of
-    `stop_sequences` (token-id lists, e.g. the ids of '</search>') within this call's output, this call's
-    `max_new_tokens`, or max_len. Sampling parameters default to the session's. See DecodeOutput."""
+    """Decode every live sequence until it stops: an EOS id, a stop within this call's output, this call's
+    `max_new_tokens`, or max_len. Stops: a `stops.StopAutomaton` (e.g. `stops.from_strings(['</search>'],
+    token_bytes)`: the first token whose text completes a stop string, however it was tokenized) or token-id
+    lists (the first complete occurrence of one). Sampling parameters default to the session's. See
+    DecodeOutput."""
     d = self._defaults
     temperature = d["temperature"] if temperature is None else float(temperature)
     top_p = d["top_p"] if top_p is None else float(top_p)
@@ -212,14 +216,8 @@ class Session:
     eos = d["eos_ids"] if eos_ids is None else _check_ids(eos_ids, self.cfg.vocab_size, "eos_ids")
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
       raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    stops = [_check_ids(s, self.cfg.vocab_size, f"stop sequence #{j}") for j, s in enumerate(stop_sequences)]
-    for j, s in enumerate(stops):
-      if not s:
-        raise ValueError(f"stop sequence #{j} is empty")
-
+    stop_table = self._stop_table(stop_sequences)
     opts = self._opts
-    width = bucket(max([len(s) for s in stops], default=1), (), opts.stop_width, "stop width")
-    table, valid = ops.stop_table(stops, width, bucket(len(stops), (), opts.stop_slots, "stop slots"))
     eos_table = np.full(bucket(len(eos), (), opts.eos_slots, "eos slots"), ops.NO_TOKEN, np.int32)
     eos_table[:len(eos)] = eos
     greedy = temperature == 0.0
@@ -230,7 +228,7 @@ class Session:
     out_lps: list[list[float]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
     produced = np.zeros(n, np.int64)
-    windows = {}
+    stop_states = np.zeros(n, np.int32)
     active = []
     for i in self.live:
       if max_new_tokens == 0:
@@ -239,7 +237,6 @@ class Session:
         reasons[i] = "cache_full"
       else:
         active.append(i)
-        windows[i] = np.full((width,), ops.NO_TOKEN, np.int32)
 
     while active:
       self._layout(int(max(self._lengths[active])) + opts.decode_chunk)
@@ -248,21 +245,21 @@ class Session:
       seq_ids = np.zeros(b, np.int32)
       is_active = np.zeros(b, bool)
       budget = np.ones(b, np.int32)
-      window = np.full((b, width), ops.NO_TOKEN, np.int32)
+      stop_state = np.zeros(b, np.int32)
       for i in active:
         r = self._row[i]
         lengths[r], seq_ids[r], is_active[r] = self._lengths[i], i, True
         budget[r] = max_new_tokens - produced[i]
-        window[r] = windows[i]
-      self._cache, self._last_hidden, toks, lps, n_new, reason, window = self._prog.decode(
-          self._params, self._cache, self._last_hidden, lengths, seq_ids, is_active, budget, window, table,
-          valid, eos_table, np.int32(self.max_len), np.int32(self.seed),
+        stop_state[r] = stop_states[i]
+      self._cache, self._last_hidden, toks, lps, n_new, reason, stop_state = self._prog.decode(
+          self._params, self._cache, self._last_hidden, lengths, seq_ids, is_active, budget, stop_state,
+          stop_table, eos_table, np.int32(self.max_len), np.int32(self.seed),
           np.float32(temperature if not greedy else 1.0), np.float32(top_p), greedy=greedy, top_k=top_k,
           use_top_p=top_p < 1.0, steps=opts.decode_chunk)
       self.stats["decode_chunks"] += 1
       # Every process steers every row (the decode batch is one program over the whole mesh): all of them read
       # the whole output.
-      toks, lps, n_new, reason, window = distributed.fetch((toks, lps, n_new, reason, window))
+      toks, lps, n_new, reason, stop_state = distributed.fetch((toks, lps, n_new, reason, stop_state))
       still = []
       for i in active:
         r = self._row[i]
@@ -275,7 +272,7 @@ class Session:
         self._mask[i] += [1] * k
         self._lengths[i] += k
         produced[i] += k
-        windows[i] = window[r]
+        stop_states[i] = stop_state[r]
         if reason[r]:
           reasons[i] = engine.REASONS[int(reason[r])]
         else:
@@ -284,6 +281,25 @@ class Session:
     return DecodeOutput(out_tokens, [np.asarray(x, np.float32) for x in out_lps], reasons)
 
   # ------------------------------------------------------------------------------------------ internals
+
+  def _stop_table(self, stop_sequences) -> jax.Array:
+    """The device copy of the stop automaton's table, padded to a bucket of states (built and uploaded once per
+    distinct stops in this session)."""
+    if isinstance(stop_sequences, stops.StopAutomaton):
+      automaton = stop_sequences
+    else:
+      seqs = [_check_ids(s, self.cfg.vocab_size, f"stop sequence #{j}") for j, s in enumerate(stop_sequences)]
+      for j, s in enumerate(seqs):
+        if not s:
+          raise ValueError(f"stop sequence #{j} is empty")
+      automaton = stops.from_token_sequences(seqs, self.cfg.vocab_size)
+    key = automaton.key
+    if key not in self._stop_tables:
+      table = automaton.padded(bucket(automaton.num_states, (), self._opts.stop_states, "stop states"),
+                               self.cfg.vocab_size)
+      target = sharding.replicated(self.mesh) if self.mesh is not None else None
+      self._stop_tables[key] = jax.device_put(table, target)
+    return self._stop_tables[key]
 
   def _check_index(self, i) -> None:
     if isinstance(i, (bool, np.bool_)) or int(i) != i or not 0 <= int(i) < self.num_sequences:

@@ -306,12 +306,13 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
         hbm_bytes=n_params * p_bytes + 2 * cache_bytes / chips,
         shapes=f"{rows} rows x {shapes.extend} tokens, cache {shapes.cache}"))
 
-  width, slots, eos = s.stop_width, max(s.stop_slots, 64), s.eos_slots
+  # The stop automaton of the protocol's stop strings ('</search>', '</answer>': 17 states) fits the first bucket.
+  states, eos = s.stop_states, s.eos_slots
   for name, rows, greedy in (("rollout_decode", shapes.rollout_rows, False), ("eval_decode", shapes.eval_rows, True)):
     cache, hidden, cache_bytes = state(rows)
     args = (params, cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32), rowvec(rows, jnp.bool_),
-            rowvec(rows, jnp.int32), rowvec(rows, jnp.int32, width), _sds((slots, width), jnp.int32, rep),
-            _sds((slots,), jnp.bool_, rep), _sds((eos,), jnp.int32, rep), _sds((), jnp.int32, rep),
+            rowvec(rows, jnp.int32), rowvec(rows, jnp.int32), _sds((states, cfg.vocab_size), jnp.int32, rep),
+            _sds((eos,), jnp.int32, rep), _sds((), jnp.int32, rep),
             _sds((), jnp.int32, rep), _sds((), jnp.float32, rep), _sds((), jnp.float32, rep))
     kwargs = dict(greedy=greedy, top_k=int(config.sampling.top_k), use_top_p=float(config.sampling.top_p) < 1.0,
                   steps=shapes.decode_steps)
