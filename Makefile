@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): one per CPU core, at most 4 (each holds its own jax, torch and compiled programs).
-# A file's tests share one process (--dist loadfile), so module fixtures are built once.
+# A file's tests share one process (--dist loadfile), so module fixtures are built once; files are handed out in
+# tests/conftest.py's order (--no-loadscope-reorder: xdist would otherwise sort them by test count, which puts the
+# two-test, ~8-minute tests/test_resume.py last and makes it the tail of the run).
 TEST_WORKERS ?= auto
 DEMO_CONFIG ?= configs/demo.py
 DEMO_WORKDIR ?= workdirs/demo
@@ -35,7 +37,7 @@ demo: $(VENV)/.installed
 	$(PY) -m launch.demo --config $(DEMO_CONFIG) --workdir $(DEMO_WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

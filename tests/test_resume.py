@@ -141,9 +141,10 @@ def test_sigkill_mid_round_and_mid_ofsd_resumes_identically(cache, tmp_path):
 
 # ----------------------------------------------------------------------------------------- pod rehearsal
 
-# The same run on 8 CPU devices (fsdp 8), with batches every data-parallel shard divides.
+# The same run on 8 CPU devices (fsdp 8), with batches every data-parallel shard divides, evaluated once at the end
+# (evaluation is the same program in every life; compiling it in each would only cost time).
 POD = ["--config.mesh.fsdp=8", "--config.train.prompts_per_step=4", "--config.train.mini_batch_prompts=4",
-       "--config.ofsd.batch_size=8"]
+       "--config.ofsd.batch_size=8", "--config.train.eval_at_start=False", "--config.train.eval_after_grpo=False"]
 
 
 def _pod_env(cache, devices):

@@ -80,6 +80,59 @@ def rollout(params, cfg, prompts, options, temperature=1.0, turns=4, finish_prob
 
 
 @pytest.mark.slow  # ~20 s on 2 shared cores (two 4-turn rollouts over several batch buckets)
+def test_shared_prompt_prefill_equals_prefilling_every_copy(model):
+  """The G copies of a prompt prefill once and copy their cache rows: sampled turns, extends and log-probs equal a
+  session that prefills every copy (draws are keyed by sequence index, so copies still sample independently)."""
+  cfg, params, prompts = model
+  group = [p for p in prompts for _ in range(3)]  # 4 questions x 3 samples, group-contiguous as in a rollout
+  outs = {}
+  for share in (True, False):
+    sess = Session(params, cfg, group, max_len=64, temperature=1.0, seed=9,
+                   options=SamplerOptions(decode_chunk=5, min_cache=16, min_length=8, share_prompts=share))
+    first = sess.decode(6)
+    sess.extend({i: [i % cfg.vocab_size, 3] for i in range(0, len(group), 2)})
+    second = sess.decode(5)
+    outs[share] = (sess, first, second)
+  (shared, f1, s1), (plain, f2, s2) = outs[True], outs[False]
+  assert shared.stats["shared_prefills"] == 8 and plain.stats["shared_prefills"] == 0
+  assert f1.tokens == f2.tokens and s1.tokens == s2.tokens and f1.stop_reason == f2.stop_reason
+  assert len({tuple(t) for t in f1.tokens[:3]}) > 1  # the copies of one prompt sampled different turns
+  for i in range(len(group)):
+    assert shared.tokens(i) == plain.tokens(i)
+    np.testing.assert_array_equal(shared.policy_mask(i), plain.policy_mask(i))
+    np.testing.assert_allclose(shared.logprobs(i), plain.logprobs(i), atol=1e-5)
+
+
+def test_admitted_sequences_decode_as_if_they_had_been_there_from_the_start(model):
+  """admit() puts new prompts into rows of finished sequences (and a larger batch when those run out) while the
+  others keep their state: every sequence decodes what a session holding all prompts from the start decodes
+  (draws are keyed by sequence index), and the live one goes on as if nothing was admitted."""
+  cfg, params, prompts = model
+  opts = SamplerOptions(decode_chunk=5, min_cache=16, min_length=8, share_prompts=False)
+  sess = Session(params, cfg, prompts[:2], max_len=64, temperature=1.0, seed=5, options=opts)
+  first = sess.decode(4)
+  sess.finish([0])
+  admitted = [prompts[2], prompts[3] + [1, 2, 3] * 7, prompts[0]]  # 3 new, one free row: the batch grows
+  assert sess.admit(admitted) == [2, 3, 4] and sess.batch_size == 4 and sess.live == [1, 2, 3, 4]
+  second = sess.decode(6)
+  # The admitted sequences: as in a session holding them from the start (same indices), decoding 6 at once.
+  fresh = Session(params, cfg, prompts[:2] + admitted, max_len=64, temperature=1.0, seed=5, options=opts)
+  fresh.finish([0, 1])
+  want = fresh.decode(6)
+  # The live sequence: as if nothing had been admitted.
+  ref = Session(params, cfg, prompts[:2], max_len=64, temperature=1.0, seed=5, options=opts)
+  assert ref.decode(4).tokens == first.tokens
+  ref.finish([0])
+  want_1 = ref.decode(6)
+  assert second.tokens[1] == want_1.tokens[1] and second.tokens[2:] == want.tokens[2:]
+  np.testing.assert_allclose(second.logprobs[1], want_1.logprobs[1], atol=1e-5)
+  for i in (2, 3, 4):
+    np.testing.assert_allclose(second.logprobs[i], want.logprobs[i], atol=1e-5)
+    assert sess.tokens(i) == fresh.tokens(i) and not sess.policy_mask(i)[:len(admitted[i - 2])].any()
+  with pytest.raises(ValueError, match="admit: prompt #0"):
+    sess.admit([[]])
+
+
 def test_compaction_and_cache_growth_change_nothing(model):
   cfg, params, prompts = model
   prompts = prompts * 4  # 16 sequences: room to compact 16 -> 8 -> 4 ...

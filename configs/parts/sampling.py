@@ -24,6 +24,7 @@ def get() -> ml_collections.ConfigDict:
   c.min_cache = 128  # smallest physical cache length
   c.grow_cache = True  # grow the cache by buckets as sequences lengthen (False: allocate max_len up front)
   c.compact = True  # move live rows into a smaller batch bucket once enough sequences have finished
+  c.share_prompts = True  # identical prompts (a question's G samples) prefill once; their cache rows are copied
   c.stop_states = 32  # smallest padded number of stop-automaton states (searche1_jax/sampling/stops.py)
   c.eos_slots = 4  # smallest padded number of EOS ids
   c.pad_id = 0  # token id used for padding (never visible in results)

@@ -117,13 +117,24 @@ class Session:
     if mesh is not None:
       self._min_batch = max(self._min_batch, sharding.data_parallel_size(mesh))
     self._cache_bucket(self.max_len)  # fail now, not mid-rollout, if max_len exceeds the cache buckets
-    self._batch = self._batch_bucket(n)
+    # Identical prompts (the G samples of one question) are prefilled once; their cache rows are then copied.
+    first_of: dict[tuple, int] = {}
+    source = np.asarray([first_of.setdefault(tuple(p), i) for i, p in enumerate(prompts)])
+    unique = np.flatnonzero(source == np.arange(n))
+    shared = self._opts.share_prompts and len(unique) < n
+    self._batch = self._batch_bucket(len(unique) if shared else n)
     first = min(self.max_len, longest + self._opts.decode_chunk) if self._opts.grow_cache else self.max_len
     self._cache_len = self._cache_bucket(first)
     self._cache, self._last_hidden = self._prog.new_state(batch=self._batch, length=self._cache_len)
-    self.stats = dict(extend_calls=0, decode_chunks=0, relayouts=0)
+    self.stats = dict(extend_calls=0, decode_chunks=0, relayouts=0, shared_prefills=0)
     self._stop_tables: dict[tuple, jax.Array] = {}
-    self._append(dict(enumerate(prompts)), policy=False)
+    if shared:
+      self._row[:] = -1
+      self._row[unique] = np.arange(len(unique))
+      self._append({int(i): prompts[i] for i in unique}, policy=False)
+      self._copy_sequences(source)
+    else:
+      self._append(dict(enumerate(prompts)), policy=False)
 
   # ------------------------------------------------------------------------------------------ inspection
 
@@ -180,6 +191,42 @@ class Session:
     for i in indices:
       self._check_index(i)
       self._finished[int(i)] = True
+
+  def admit(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Add sequences to the session and prefill them (continuous batching: work enters as other work finishes).
+    They take rows of finished sequences, or a larger batch bucket; live sequences are untouched. Returns their
+    indices, numbered after the existing ones (sampling draws are keyed by them, as for the first prompts)."""
+    start = self.num_sequences
+    prompts = [_check_ids(p, self.cfg.vocab_size, f"admit: prompt #{k}") for k, p in enumerate(prompts)]
+    for k, p in enumerate(prompts):
+      if not p or len(p) > self.max_len:
+        raise ValueError(f"admit: prompt #{k} has {len(p)} tokens; needs 1..max_len={self.max_len}")
+    if not prompts:
+      return []
+    new = np.arange(start, start + len(prompts))
+    self._tokens += [[] for _ in prompts]
+    self._mask += [[] for _ in prompts]
+    self._lps += [[] for _ in prompts]
+    self._lengths = np.concatenate([self._lengths, np.zeros(len(prompts), np.int64)])
+    self._finished = np.concatenate([self._finished, np.zeros(len(prompts), bool)])
+    self._row = np.concatenate([self._row, np.full(len(prompts), -1)])
+    live = np.flatnonzero(~self._finished[:start])
+    if len(live) + len(prompts) > self._batch:  # grow the batch: live rows first, the new ones after them
+      batch = self._batch_bucket(len(live) + len(prompts))
+      rows = np.full(batch, -1, np.int32)
+      rows[:len(live)] = self._row[live]
+      self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, rows,
+                                                           length=self._cache_len)
+      self._row[:start] = -1
+      self._row[live] = np.arange(len(live))
+      self._batch = batch
+      self.stats["relayouts"] += 1
+    free = np.setdiff1d(np.arange(self._batch), self._row[live])[:len(prompts)]
+    old = self._row[:start]  # a view: finished sequences hand their rows on
+    old[np.isin(old, free) & self._finished[:start]] = -1
+    self._row[new] = free
+    self._append({int(i): p for i, p in zip(new, prompts)}, policy=False)
+    return [int(i) for i in new]
 
   def extend(self, additions: Mapping[int, Sequence[int]]) -> None:
     """Append externally supplied tokens (retrieved passages, glue text) to live sequences, without
@@ -334,6 +381,23 @@ class Session:
     self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, rows, length=length)
     self._batch, self._cache_len = batch, length
     self.stats["relayouts"] += 1
+
+  def _copy_sequences(self, source: np.ndarray) -> None:
+    """Sequence i becomes a copy of sequence source[i] (its tokens and cache row), in a batch of all sequences."""
+    n = self.num_sequences
+    batch = self._batch_bucket(n)
+    rows = np.full(batch, -1, np.int32)
+    rows[:n] = self._row[source]
+    self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, rows,
+                                                         length=self._cache_len)
+    self._batch, self._row = batch, np.arange(n)
+    copies = np.flatnonzero(source != np.arange(n))
+    for i in copies:
+      j = source[i]
+      self._tokens[i], self._mask[i], self._lps[i] = list(self._tokens[j]), list(self._mask[j]), list(self._lps[j])
+      self._lengths[i] = self._lengths[j]
+    self.stats["relayouts"] += 1
+    self.stats["shared_prefills"] = len(copies)
 
   def _append(self, additions: dict[int, list[int]], policy: bool) -> None:
     """Feed tokens through the cache (prefill and extend), at most options.max_extend per row per call."""
