@@ -174,6 +174,10 @@ def _errors(config) -> list[str]:
     ({"sampling.top_p": 0.0}, "sampling.top_p=0.0: must be > 0.0"),
     ({"grpo.tis_cap": 2.0, "grpo.old_logprobs": "sampler"}, "grpo.tis_cap=2.0: needs grpo.old_logprobs='recompute'"),
     ({"grpo.tis_cap": 0.5}, "grpo.tis_cap=0.5: must be 0 (off) or >= 1"),
+    ({"grpo.temperature": 0.7, "sampling.temperature": 0.7, "grpo.old_logprobs": "sampler"},
+     "grpo.old_logprobs='sampler': compares sampler log-probs (recorded at temperature 1) with the learner's at "
+     "grpo.temperature=0.7"),
+    ({"grpo.temperature": 0.7, "sampling.temperature": 0.7, "grpo.tis_cap": 2.0}, "grpo.tis_cap=2.0: compares"),
     ({"grpo.ref_on_host": True, "grpo.ref_logprobs": "in_step"},
      "grpo.ref_on_host=True: needs grpo.ref_logprobs='precompute'"),
     ({"sampling.decode_chunk": 0}, "sampling.decode_chunk=0: must be >= 1"),
@@ -203,6 +207,12 @@ def test_bad_values_are_named(overrides, expected):
   cu.apply_overrides(c, overrides)
   errors = _errors(c)
   assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_learner_temperature_below_one_is_fine_with_recomputed_old_logprobs():
+  c = load("search_e1")
+  cu.apply_overrides(c, {"grpo.temperature": 0.7, "sampling.temperature": 0.7})
+  assert cu.validate_config(c) is c  # old_logprobs='recompute', tis_cap 0: both sides at grpo.temperature
 
 
 def test_demo_transcripts_must_script_the_retrievers_misses():

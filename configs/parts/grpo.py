@@ -28,6 +28,7 @@ def get() -> ml_collections.ConfigDict:
   # Old (behaviour-policy) log-probs.
   c.old_logprobs = "recompute"  # 'recompute': no-grad pass with the current params before the update (veRL /
   #                               Search-R1 do this); 'sampler': trust the sampler's log-probs as they are
+  #                               (recorded at temperature 1: 'sampler' and tis_cap > 0 need temperature 1)
   c.tis_cap = 0.0  # truncated importance sampling: weight min(exp(recomputed - sampler), tis_cap) on the
   #                  policy-gradient term; 0 = off; needs old_logprobs='recompute' (e.g. 2.0)
   # Step execution.

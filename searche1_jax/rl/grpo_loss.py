@@ -79,6 +79,13 @@ class GRPOOptions:
     if v["tis_cap"] > 0 and v["old_logprobs"] != "recompute":
       out.append(("tis_cap", f"needs grpo.old_logprobs='recompute' (the importance weight compares recomputed "
                              f"and sampler log-probs), got {v['old_logprobs']!r}"))
+    # The sampler records log-probs at temperature 1 (the model's own distribution); the learner scores at
+    # grpo.temperature. A ratio or importance weight between the two is biased unless both are at 1.
+    for field, uses_sampler in (("old_logprobs", v["old_logprobs"] == "sampler"), ("tis_cap", v["tis_cap"] > 0)):
+      if uses_sampler and v["temperature"] != 1.0:
+        out.append((field, f"compares sampler log-probs (recorded at temperature 1) with the learner's at "
+                           f"grpo.temperature={v['temperature']!r}: needs temperature 1 (or "
+                           "old_logprobs='recompute' and tis_cap=0)"))
     if v["ref_on_host"] and v["ref_logprobs"] != "precompute":
       out.append(("ref_on_host", "needs grpo.ref_logprobs='precompute' (in-step reference params live on the "
                                  "device)"))
