@@ -8,7 +8,6 @@ numpy / a single-process forward.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -82,12 +81,6 @@ def test_global_batch_single_process_matches_device_put():
 
 
 # ------------------------------------------------------------------------------------------ two processes
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def _sample(params, cfg, mesh) -> dict:
   """A sampler session over `mesh` on every question: prefill, a sampled decode, an extend (as an observation
@@ -175,7 +168,7 @@ def _worker(process_id: int, port: int, out_path: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_agree_over_loopback(tmp_path):
-  port = _free_port()
+  port = testenv.free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=testenv.xla_flags(1),
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):

@@ -10,7 +10,6 @@ updates (asserted below) for the second kill to land between them.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -162,18 +161,12 @@ def _pod_cmds(cache, workdir, port):
   return [_train_cmd(cache, workdir) + POD + dist + [f"--config.distributed.process_id={i}"] for i in range(2)]
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_pod(cache, workdir, kill_when=None, timeout=900):
   """Run both processes; with kill_when(rows), SIGKILL process 1 once it holds, then process 0 (a pod whose host
   died is restarted as a whole: the survivor would wait on its peer). Returns True if killed."""
   env = _pod_env(cache, 4)
   procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for c in _pod_cmds(cache, workdir, _free_port())]
+           for c in _pod_cmds(cache, workdir, testenv.free_port())]
   path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + timeout
   try:

@@ -24,6 +24,7 @@ compaction or chunking, and G copies of one prompt (different indices) sample in
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Sequence
 
 import jax
@@ -49,6 +50,10 @@ class DecodeOutput:
   tokens: list[list[int]]
   logprobs: list[np.ndarray]
   stop_reason: list[str | None]
+
+
+# Token-id stop sequences -> their automaton, shared by every session (tuples of tuples, vocab size).
+_token_stops = functools.lru_cache(maxsize=32)(stops.from_token_sequences)
 
 
 def check_sampling_params(temperature: float, top_p: float, top_k: int) -> None:
@@ -127,7 +132,6 @@ class Session:
     self._cache_len = self._cache_bucket(first)
     self._cache, self._last_hidden = self._prog.new_state(batch=self._batch, length=self._cache_len)
     self.stats = dict(extend_calls=0, decode_chunks=0, relayouts=0, shared_prefills=0)
-    self._stop_tables: dict[tuple, jax.Array] = {}
     if shared:
       self._row[:] = -1
       self._row[unique] = np.arange(len(unique))
@@ -212,15 +216,9 @@ class Session:
     self._row = np.concatenate([self._row, np.full(len(prompts), -1)])
     live = np.flatnonzero(~self._finished[:start])
     if len(live) + len(prompts) > self._batch:  # grow the batch: live rows first, the new ones after them
-      batch = self._batch_bucket(len(live) + len(prompts))
-      rows = np.full(batch, -1, np.int32)
-      rows[:len(live)] = self._row[live]
-      self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, rows,
-                                                           length=self._cache_len)
+      self._gather_rows(self._row[live], self._batch_bucket(len(live) + len(prompts)), self._cache_len)
       self._row[:start] = -1
       self._row[live] = np.arange(len(live))
-      self._batch = batch
-      self.stats["relayouts"] += 1
     free = np.setdiff1d(np.arange(self._batch), self._row[live])[:len(prompts)]
     old = self._row[:start]  # a view: finished sequences hand their rows on
     old[np.isin(old, free) & self._finished[:start]] = -1
@@ -330,23 +328,19 @@ class Session:
   # ------------------------------------------------------------------------------------------ internals
 
   def _stop_table(self, stop_sequences) -> jax.Array:
-    """The device copy of the stop automaton's table, padded to a bucket of states (built and uploaded once per
-    distinct stops in this session)."""
+    """The device copy of the stop automaton's table, padded to a bucket of states (kept on the automaton: uploaded
+    once per automaton and layout; token-id stops map to one cached automaton each)."""
     if isinstance(stop_sequences, stops.StopAutomaton):
       automaton = stop_sequences
     else:
-      seqs = [_check_ids(s, self.cfg.vocab_size, f"stop sequence #{j}") for j, s in enumerate(stop_sequences)]
-      for j, s in enumerate(seqs):
-        if not s:
-          raise ValueError(f"stop sequence #{j} is empty")
-      automaton = stops.from_token_sequences(seqs, self.cfg.vocab_size)
-    key = automaton.key
-    if key not in self._stop_tables:
-      table = automaton.padded(bucket(automaton.num_states, (), self._opts.stop_states, "stop states"),
-                               self.cfg.vocab_size)
+      automaton = _token_stops(tuple(tuple(_check_ids(s, self.cfg.vocab_size, f"stop sequence #{j}"))
+                                     for j, s in enumerate(stop_sequences)), self.cfg.vocab_size)
+    states = bucket(automaton.num_states, (), self._opts.stop_states, "stop states")
+    layout = (states, self.cfg.vocab_size, self.mesh)
+    if layout not in automaton.device:
       target = sharding.replicated(self.mesh) if self.mesh is not None else None
-      self._stop_tables[key] = jax.device_put(table, target)
-    return self._stop_tables[key]
+      automaton.device[layout] = jax.device_put(automaton.padded(states, self.cfg.vocab_size), target)
+    return automaton.device[layout]
 
   def _check_index(self, i) -> None:
     if isinstance(i, (bool, np.bool_)) or int(i) != i or not 0 <= int(i) < self.num_sequences:
@@ -372,31 +366,31 @@ class Session:
     if batch == self._batch and length == self._cache_len:
       return
     if batch != self._batch:
-      rows = np.full(batch, -1, np.int32)
-      rows[:len(live)] = self._row[live]
+      self._gather_rows(self._row[live], batch, length)
       self._row[:] = -1
       self._row[live] = np.arange(len(live))
     else:
-      rows = np.arange(batch, dtype=np.int32)
-    self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, rows, length=length)
+      self._gather_rows(np.arange(batch), batch, length)
+
+  def _gather_rows(self, rows: np.ndarray, batch: int, length: int) -> None:
+    """A new device batch of `batch` rows x `length` slots whose row k is old row rows[k] (rows past len(rows)
+    empty). The caller renumbers self._row."""
+    gather = np.full(batch, -1, np.int32)
+    gather[:len(rows)] = rows
+    self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, gather, length=length)
     self._batch, self._cache_len = batch, length
     self.stats["relayouts"] += 1
 
   def _copy_sequences(self, source: np.ndarray) -> None:
     """Sequence i becomes a copy of sequence source[i] (its tokens and cache row), in a batch of all sequences."""
     n = self.num_sequences
-    batch = self._batch_bucket(n)
-    rows = np.full(batch, -1, np.int32)
-    rows[:n] = self._row[source]
-    self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, rows,
-                                                         length=self._cache_len)
-    self._batch, self._row = batch, np.arange(n)
+    self._gather_rows(self._row[source], self._batch_bucket(n), self._cache_len)
+    self._row = np.arange(n)
     copies = np.flatnonzero(source != np.arange(n))
     for i in copies:
       j = source[i]
       self._tokens[i], self._mask[i], self._lps[i] = list(self._tokens[j]), list(self._mask[j]), list(self._lps[j])
       self._lengths[i] = self._lengths[j]
-    self.stats["relayouts"] += 1
     self.stats["shared_prefills"] = len(copies)
 
   def _append(self, additions: dict[int, list[int]], policy: bool) -> None:

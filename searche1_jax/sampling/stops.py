@@ -26,10 +26,11 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StopAutomaton:
-  """table [S, V] int32 (module docstring); state 0 = nothing of a stop string read yet. `key` identifies the
-  content (what it was built from) for caching device copies."""
+  """table [S, V] int32 (module docstring); state 0 = nothing of a stop string read yet. `device` holds the
+  sampler's device copies of the padded table (filled by sampling.Session), so an automaton built once per
+  tokenizer is uploaded once per layout, not once per rollout."""
   table: np.ndarray
-  key: tuple
+  device: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def num_states(self) -> int:
@@ -108,7 +109,7 @@ def from_token_sequences(sequences: Sequence[Sequence[int]], vocab_size: int) ->
       raise ValueError(f"stop sequence #{j} has a token outside [0, {vocab_size}): {list(s)}")
   delta, accept = _aho_corasick(seqs, vocab_size)
   table = np.where(accept[delta], -1 - delta, delta).astype(np.int32)
-  return StopAutomaton(table, ("tokens", vocab_size, tuple(sorted(set(seqs)))))
+  return StopAutomaton(table)
 
 
 def from_strings(stop_strings: Sequence[str], token_byte_strings: Sequence[bytes]) -> StopAutomaton:
@@ -138,14 +139,14 @@ def from_strings(stop_strings: Sequence[str], token_byte_strings: Sequence[bytes
     state[:, :n] = nxt
   table = np.empty_like(state)
   table[:, order] = np.where(fired, -1 - state, state)
-  digest = hash(tuple(token_byte_strings))
-  return StopAutomaton(table, ("bytes", tuple(patterns), v, digest))
+  return StopAutomaton(table)
 
 
 # ------------------------------------------------------------------------------------------ token bytes
 
 def _byte_level_alphabet() -> dict[str, int]:
-  """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies spell tokens in it) -> the byte."""
+  """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies spell tokens in it) -> the byte.
+  (transformers has it too, but importing it would cost the sampler ~1.6 s.)"""
   keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
   chars = {b: chr(b) for b in keep}
   extra = 0
@@ -157,10 +158,10 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 def _is_byte_level(tokenizer) -> bool:
-  backend = getattr(tokenizer, "backend_tokenizer", None)
-  if backend is None:
+  decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+  if decoder is None:
     return False
-  decoder = json.loads(backend.to_str()).get("decoder") or {}
+  decoder = json.loads(decoder.__getstate__())  # the decoder alone (the whole tokenizer's JSON holds the vocab)
   kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) or []]
   return "ByteLevel" in kinds
 
