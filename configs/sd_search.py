@@ -17,8 +17,8 @@ Published average EM over the seven benchmarks (docs/reference.md):
 Arguments (`--config configs/sd_search.py:model=7b,mesh=v5e-16,root=/mnt/disks/persist`):
   model  '3b' | '7b';  mesh  'v4-8' | 'v5p-8' | 'v5e-16' | 'cpu';  root  data/model directory (see docs/training.md)
 
-The mesh preset also sets rollout.decode_slots (configs/common.DECODE_SLOTS): rollouts run in waves of at
-most that many sequences, because 512 x 5 sequences at 4096 tokens do not fit in HBM at once
+The mesh preset also sets rollout.decode_slots (configs/common.DECODE_SLOTS): the sampler holds at most that many
+sequences at once (waves under rollout.schedule 'sync', slots refilled as trajectories end under 'continuous'), because 512 x 5 sequences at 4096 tokens do not fit in HBM at once
 (python -m launch.aot_compile; docs/tpu.md).
 """
 from configs import common

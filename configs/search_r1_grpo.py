@@ -23,7 +23,7 @@ Arguments (`--config configs/search_r1_grpo.py:model=7b,mesh=v5e-16,root=/mnt/di
   root   directory with models/, raw/, tfds/, index/   (docs/tpu.md)
 
 The mesh preset also sets what memory decides, measured with `python -m launch.aot_compile` (docs/tpu.md):
-  - rollout.decode_slots (configs/common.DECODE_SLOTS): rollouts run in waves of at most that many sequences,
+  - rollout.decode_slots (configs/common.DECODE_SLOTS): the sampler holds at most that many sequences at once,
     because 512 x 5 sequences at 4096 tokens do not fit in HBM at once;
   - the learner layout (configs/common.LEARNER): GRPO micro-batches (exact accumulation; Search-R1's 64
     trajectories on v5p-8 3B, 16 on v4-8 3B, 32 on v5p-8 7B, 8 on v5e-16 7B), and on v4-8 3B and v5e-16 7B

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 
 from searche1_jax import distributed, schema, sharding
+from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.data import qa
 from searche1_jax.models import hf, qwen2
 from searche1_jax.retrieval import retriever
@@ -438,6 +439,7 @@ def _check_protocol(c: _Checker) -> None:
 def _check_sampling(c: _Checker) -> None:
   c.options(sampling_options.SamplerOptions, "sampling", "configs/parts/sampling.py")
   c.number("rollout.decode_slots", lo=0, integer=True)
+  c.one_of("rollout.schedule", rollout_lib.SCHEDULES)
   slots = c.get("rollout.decode_slots")
   for block in ("grpo", "ofsd"):
     g = c.get(f"{block}.group_size")

@@ -42,74 +42,105 @@ def fake_logprob(position: int) -> float:
 
 
 class ScriptedSession:
-  """Implements the DecodeSession protocol: sequence i emits scripts[i][k] (token ids) in its k-th decode call.
+  """Implements the DecodeSession protocol: sequence i emits scripts[i][k] (token ids) in its k-th turn, at most
+  `chunk` tokens per `step` (None: a whole turn per step).
 
-  Like the sampler it stops after the first stop in the call's output (a stops.StopAutomaton or token-id stop
-  sequences), at max_new_tokens and at max_len; after its script runs out it emits `fallback` tokens. It records
-  every call so tests can check the protocol.
+  Like the sampler it stops after the first stop in the turn's output (a stops.StopAutomaton or token-id stop
+  sequences), at max_new_tokens and at max_len; after its script runs out it emits `fallback` tokens. Admitted
+  sequences take the next scripts in order. It records every call so tests can check the protocol.
   """
 
-  def __init__(self, prompts, max_len, scripts, fallback=()):
+  def __init__(self, prompts, max_len, scripts, fallback=(), chunk=None):
     self.seqs = [list(p) for p in prompts]
     self.max_len = max_len
     self.scripts = scripts
     self.fallback = list(fallback)
+    self.chunk = chunk
     self.turn = [0] * len(prompts)
     self.finished = set()
-    self.decode_calls = []  # (max_new_tokens, live indices)
+    self.turns = {}  # sequence -> [tokens left in its turn's stream, budget, stop state, produced]
+    self.stops = None
+    self.begin_calls = []  # (indices, max_new_tokens)
+    self.step_calls = []  # sequences in a turn at each step
     self.extend_calls = []
     self.finish_calls = []
+    self.admit_calls = []
 
-  def decode(self, max_new_tokens, stop_sequences=()):
-    n = len(self.seqs)
-    out = types.SimpleNamespace(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)],
-                                stop_reason=[None] * n)
-    live = [i for i in range(n) if i not in self.finished]
-    self.decode_calls.append((max_new_tokens, live))
-    automaton = stop_sequences if isinstance(stop_sequences, stops.StopAutomaton) else None
-    for i in live:
+  def begin(self, indices, max_new_tokens, stop_sequences=()):
+    self.stops = stop_sequences
+    self.begin_calls.append((list(indices), max_new_tokens))
+    for i in indices:
+      assert i not in self.finished and i not in self.turns, f"begin of sequence {i}"
       script = self.scripts[i]
       stream = list(script[self.turn[i]]) if self.turn[i] < len(script) else list(self.fallback)
       self.turn[i] += 1
-      new, reason, state = [], "length", 0
-      for t in stream:
-        if len(new) >= max_new_tokens or len(self.seqs[i]) >= self.max_len:
+      self.turns[i] = [stream, max_new_tokens, 0, []]
+
+  def step(self):
+    n = len(self.seqs)
+    out = types.SimpleNamespace(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)],
+                                stop_reason=[None] * n)
+    self.step_calls.append(sorted(self.turns))
+    automaton = self.stops if isinstance(self.stops, stops.StopAutomaton) else None
+    for i in sorted(self.turns):
+      stream, budget, state, produced = self.turns[i]
+      new, reason = [], None
+      while reason is None and (self.chunk is None or len(new) < self.chunk):
+        if len(produced) >= budget or not stream:
+          reason = "length"
           break
+        if len(self.seqs[i]) >= self.max_len:
+          reason = "cache_full"
+          break
+        t = stream.pop(0)
         new.append(t)
+        produced.append(t)
         self.seqs[i].append(t)
         if automaton is not None:
           state, fired = automaton.advance(state, t)
         else:
-          fired = any(len(s) and new[-len(s):] == list(s) for s in stop_sequences)
+          fired = any(len(s) and produced[-len(s):] == list(s) for s in self.stops)
         if fired:
           reason = "stop_sequence"
-          break
+      self.turns[i][2] = state
       out.tokens[i] = new
       start = len(self.seqs[i]) - len(new)
       out.logprobs[i] = [fake_logprob(start + k) for k in range(len(new))]
       out.stop_reason[i] = reason
+      if reason is not None:
+        del self.turns[i]
     return out
 
   def extend(self, tokens):
     for i, toks in tokens.items():
-      assert i not in self.finished, f"extend of finished sequence {i}"
+      assert i not in self.finished and i not in self.turns, f"extend of sequence {i}"
       self.seqs[i].extend(toks)
     self.extend_calls.append({i: list(t) for i, t in tokens.items()})
 
   def finish(self, indices):
     for i in indices:
       assert i not in self.finished, f"finish twice: {i}"
+      self.turns.pop(i, None)
     self.finished.update(indices)
     self.finish_calls.append(list(indices))
 
+  def admit(self, prompts):
+    start = len(self.seqs)
+    assert start + len(prompts) <= len(self.scripts), "more sequences than scripts"
+    self.seqs += [list(p) for p in prompts]
+    self.turn += [0] * len(prompts)
+    self.admit_calls.append(list(range(start, start + len(prompts))))
+    return list(range(start, start + len(prompts)))
 
-def scripted_factory(tokenizer, texts_per_seq, fallback_text="", holder=None):
-  """A SessionFactory whose sessions emit `texts_per_seq[i][k]` (tokenized) as sequence i's k-th turn."""
+
+def scripted_factory(tokenizer, texts_per_seq, fallback_text="", holder=None, chunk=None):
+  """A SessionFactory whose sessions emit `texts_per_seq[i][k]` (tokenized) as sequence i's k-th turn (work item
+  i: admitted sequences take the scripts after the first prompts')."""
 
   def make(prompts, max_len):
     scripts = [[enc(tokenizer, t) for t in texts] for texts in texts_per_seq]
-    assert len(scripts) == len(prompts), (len(scripts), len(prompts))
-    sess = ScriptedSession(prompts, max_len, scripts, fallback=enc(tokenizer, fallback_text))
+    assert len(prompts) <= len(scripts), (len(scripts), len(prompts))
+    sess = ScriptedSession(prompts, max_len, scripts, fallback=enc(tokenizer, fallback_text), chunk=chunk)
     if holder is not None:
       holder.append(sess)
     return sess
@@ -180,7 +211,8 @@ def random_params(cfg, seed=0):
 
 def chain_params(cfg, chain, seed=0):
   """Random params with zero attention / MLP outputs and an LM head whose greedy next token follows `chain`
-  ({current token id: next token id}): the residual stream is the embedding, so the model is a bigram machine."""
+  ({current token id: next token id, or a tuple of equally likely next ids}): the residual stream is the
+  embedding, so the model is a bigram machine."""
   params = random_params(cfg, seed)
   params["layers"]["attn"]["o"]["kernel"] = np.zeros_like(params["layers"]["attn"]["o"]["kernel"])
   params["layers"]["mlp"]["down"]["kernel"] = np.zeros_like(params["layers"]["mlp"]["down"]["kernel"])
@@ -188,7 +220,8 @@ def chain_params(cfg, chain, seed=0):
   normed = emb / np.sqrt(np.mean(emb**2, axis=-1, keepdims=True) + cfg.rms_norm_eps)  # final_norm(emb)
   head = np.asarray(params["lm_head"]["kernel"]) * 0.01
   for cur, nxt in chain.items():
-    head[:, nxt] += 10.0 * normed[cur] / np.sum(normed[cur]**2)
+    for n in (nxt if isinstance(nxt, tuple) else (nxt,)):
+      head[:, n] += 10.0 * normed[cur] / np.sum(normed[cur]**2)
   params["lm_head"]["kernel"] = head
   return params
 

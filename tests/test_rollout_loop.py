@@ -64,7 +64,7 @@ def test_two_search_trajectory_exact_layout(tok):
   assert sess.seqs[0] == ids  # the session holds exactly the recorded trajectory
   assert sess.extend_calls == [{0: parts[2][0]}, {0: parts[4][0]}]
   assert sess.finish_calls == [[0]]
-  assert [c[0] for c in sess.decode_calls] == [p_cfg.max_response_length] * 3
+  assert [c[1] for c in sess.begin_calls] == [p_cfg.max_response_length] * 3
   s = res.stats
   assert (s.num_turns, s.retrieval_calls, s.num_queries, s.retrieval_failures) == (3, 2, 2, 0)
   assert s.decode_s >= 0 and s.retrieval_s >= 0 and s.total_s >= s.decode_s + s.retrieval_s
@@ -102,7 +102,7 @@ def test_max_turns_final_search_not_executed(tok):
   assert len(traj.obs_spans) == 4 and len(traj.policy_spans) == 5
   assert traj.policy_spans[-1][1] == len(traj.ids)  # nothing appended after the final turn
   assert traj.stop_reason == "max_turns" and traj.answer is None and traj.reward == 0.0
-  assert len(retriever.calls) == 4 and len(holder[0].decode_calls) == 5
+  assert len(retriever.calls) == 4 and len(holder[0].begin_calls) == 5
 
 
 def test_group_sampling_batches_queries_into_one_call(tok):
@@ -129,7 +129,7 @@ def test_group_sampling_batches_queries_into_one_call(tok):
   # Turn 1: queries of sequences 0, 3, 4 in ONE call; turn 2: sequences 2 and 4.
   assert retriever.calls == [(["a", "c", "d"], 3), (["b", "e"], 3)]
   sess = holder[0]
-  assert [c[1] for c in sess.decode_calls] == [[0, 1, 2, 3, 4, 5], [0, 2, 3, 4], [2, 4]]
+  assert [c[0] for c in sess.begin_calls] == [[0, 1, 2, 3, 4, 5], [0, 2, 3, 4], [2, 4]]
   assert sess.finish_calls == [[1, 5], [0, 3], [2, 4]]
   for i, t in enumerate(trajs):
     assert sess.seqs[i] == t.ids.tolist()
@@ -173,8 +173,10 @@ def test_retriever_fails_once_then_succeeds(tok):
   assert (res.stats.retrieval_attempts, res.stats.retrieval_calls, res.stats.retrieval_failures) == (2, 1, 0)
 
 
-def test_retriever_always_fails_gives_error_observation(tok):
+@pytest.mark.parametrize("schedule", rollout.SCHEDULES)
+def test_retriever_always_fails_gives_error_observation(tok, schedule):
   p_cfg, r_cfg = configs()
+  r_cfg.schedule = schedule  # 'continuous': the failing batch runs on the retrieval thread
   r_cfg.retrieval_retries, r_cfg.retrieval_backoff_s, r_cfg.retrieval_backoff_max_s = 3, 1.0, 3.0
   sleeps = []
   retriever = ScriptedRetriever(fail_times=-1)
@@ -193,9 +195,10 @@ def test_retriever_always_fails_gives_error_observation(tok):
   assert res.stats.retrieval_failures == 1 and res.stats.retrieval_attempts == 4
 
 
-def test_malformed_retriever_result_is_a_failure(tok):
+@pytest.mark.parametrize("schedule", rollout.SCHEDULES)
+def test_malformed_retriever_result_is_a_failure(tok, schedule):
   p_cfg, r_cfg = configs()
-  r_cfg.retrieval_retries = 0
+  r_cfg.retrieval_retries, r_cfg.schedule = 0, schedule
 
   class Short:
     def retrieve(self, queries, topk):
@@ -308,8 +311,8 @@ def test_stop_strings_end_a_turn_however_they_are_tokenized():
 
 
 def test_decode_slots_run_question_groups_in_waves(tok):
-  """rollout.decode_slots=4 with group_size 3: one question (3 rows) per sampler session; the trajectories equal
-  the one-session run's (scripted sessions), and the counters are summed over the waves."""
+  """rollout.decode_slots=4 with group_size 3, schedule 'sync': one question (3 rows) per wave, the second admitted
+  once the first finished; the trajectories and counters equal the one-wave run's (scripted sessions)."""
   p_cfg, r_cfg = configs()
   q2 = {"id": "q2", "question": "Who wrote Hamlet?", "golden_answers": ["Shakespeare"]}
   scripts = [["<search> a </search>", "<answer> Paris </answer>"], ["<answer> paris city </answer>"],
@@ -317,19 +320,58 @@ def test_decode_slots_run_question_groups_in_waves(tok):
              ["<answer> Marlowe </answer>"], ["<answer> the Shakespeare </answer>"]]
   whole = rollout.run_rollouts(scripted_factory(tok, scripts), tok, ScriptedRetriever(), [QUESTION, q2], p_cfg,
                                r_cfg, group_size=3)
-  sessions, waves = [], iter([scripts[:3], scripts[3:]])
-
-  def make(prompts, max_len):
-    return scripted_factory(tok, next(waves), holder=sessions)(prompts, max_len)
-
+  sessions = []
   r_cfg.decode_slots = 4
   retriever = ScriptedRetriever()
-  res = rollout.run_rollouts(make, tok, retriever, [QUESTION, q2], p_cfg, r_cfg, group_size=3)
-  assert [len(s.seqs) for s in sessions] == [3, 3]
+  res = rollout.run_rollouts(scripted_factory(tok, scripts, holder=sessions), tok, retriever, [QUESTION, q2], p_cfg,
+                             r_cfg, group_size=3)
+  (sess,) = sessions
+  assert sess.admit_calls == [[3, 4, 5]] and sess.finish_calls == [[1], [0, 2], [4, 5], [3]]  # q2 after q1
+  assert sess.begin_calls[0][0] == [0, 1, 2]
   assert retriever.calls == [(["a"], 3), (["c"], 3)]
   assert [t.ids.tolist() for t in res.trajectories] == [t.ids.tolist() for t in whole.trajectories]
   assert [(t.question_id, t.sample_index, t.reward) for t in res.trajectories] == \
       [(t.question_id, t.sample_index, t.reward) for t in whole.trajectories]
   assert res.stats.num_trajectories == 6 and res.stats.num_queries == whole.stats.num_queries == 2
-  assert res.stats.num_turns == 4 and whole.stats.num_turns == 2  # two turns in each wave
+  assert res.stats.num_turns == whole.stats.num_turns == 9
   assert res.stats.retrieval_calls == 2 and whole.stats.retrieval_calls == 1
+
+
+def _schedule_scripts():
+  """Eight work items whose turns end at different times: searches, invalid turns, answers, long turns."""
+  return [["<search> a </search>", "<answer> Paris </answer>"],
+          ["<answer> paris city </answer>"],
+          ["nothing here at all", "<search> b </search>", "<answer> x </answer>"],
+          ["<search> c </search>", "<search> d </search>", "<answer> Shakespeare </answer>"],
+          ["a long turn with many words before it decides to " * 2 + "<search> e </search>", "<answer> y </answer>"],
+          ["<answer> the Shakespeare </answer>"],
+          ["<search> f </search>", "still nothing", "<answer> z </answer>"],
+          ["<search> g </search>", "<search> h </search>", "<search> i </search>", "<answer> w </answer>"]]
+
+
+@pytest.mark.parametrize("slots", [0, 3, 5])
+def test_continuous_schedule_gives_the_sync_trajectories(tok, slots):
+  """Scripted sessions decoding 4 tokens per step: 'continuous' (any number of slots) yields the trajectories
+  of 'sync' token for token, with every decode batch at most `slots` items and items admitted as others finish."""
+  p_cfg, r_cfg = configs()
+  questions = [dict(QUESTION, id=f"q{k}") for k in range(4)]
+  runs = {}
+  for schedule in ("sync", "continuous"):
+    r_cfg.schedule, r_cfg.decode_slots = schedule, slots
+    holder, retriever = [], ScriptedRetriever()
+    res = rollout.run_rollouts(scripted_factory(tok, _schedule_scripts(), holder=holder, chunk=4), tok, retriever,
+                               questions, p_cfg, r_cfg, group_size=2)
+    runs[schedule] = (res, holder[0], retriever)
+  (sync, _, sync_retriever), (cont, sess, cont_retriever) = runs["sync"], runs["continuous"]
+  for a, b in zip(sync.trajectories, cont.trajectories):
+    assert a.ids.tolist() == b.ids.tolist() and a.policy_mask.tolist() == b.policy_mask.tolist()
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert (a.stop_reason, a.answer, a.queries, a.obs_kinds) == (b.stop_reason, b.answer, b.queries, b.obs_kinds)
+  assert sorted(q for c in cont_retriever.calls for q in c[0]) == sorted(q for c in sync_retriever.calls for q in c[0])
+  assert cont.stats.num_turns == sync.stats.num_turns and cont.stats.num_queries == sync.stats.num_queries
+  limit = slots or 8
+  assert max(len(c) for c in sess.step_calls) <= limit
+  assert len(sess.seqs) == 8 and (slots == 0 or sess.admit_calls)
+  assert 0 < cont.stats.occupancy <= 1 and 0 < sync.stats.occupancy <= 1
+  if slots:  # no barrier between turns and waves: fewer chunks for the same work
+    assert cont.stats.decode_chunks < sync.stats.decode_chunks

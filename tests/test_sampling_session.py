@@ -133,6 +133,60 @@ def test_admitted_sequences_decode_as_if_they_had_been_there_from_the_start(mode
     sess.admit([[]])
 
 
+def test_admit_prefills_identical_prompts_once(model):
+  cfg, params, prompts = model
+  opts = dict(decode_chunk=5, min_cache=16, min_length=8)
+  admitted = [prompts[1], prompts[2], prompts[1], prompts[1]]
+  runs = []
+  for share in (True, False):
+    sess = Session(params, cfg, prompts[:1], max_len=64, temperature=1.0, seed=2,
+                   options=SamplerOptions(share_prompts=share, **opts))
+    sess.decode(3)
+    assert sess.admit(admitted) == [1, 2, 3, 4]
+    runs.append((sess, sess.decode(7)))
+  (shared, out), (plain, want) = runs
+  assert shared.stats["shared_prefills"] == 2 and plain.stats["shared_prefills"] == 0
+  assert shared.stats["extend_calls"] == plain.stats["extend_calls"]
+  assert out.tokens == want.tokens
+  for i in range(5):
+    assert shared.tokens(i) == plain.tokens(i)
+    np.testing.assert_allclose(out.logprobs[i], want.logprobs[i], atol=1e-5)
+
+
+def test_turns_begun_between_chunks_decode_what_one_decode_does(model):
+  """begin/step: sequences that start their turns at different chunks, with different budgets, and one extended
+  between its turns, produce what whole-batch `decode` calls produce (draws keyed by index and position)."""
+  cfg, params, prompts = model
+  ref = Session(params, cfg, prompts, max_len=64, temperature=1.0, seed=8, options=SMALL)
+  want = ref.decode(12, stop_sequences=[[5]])
+  sess = Session(params, cfg, prompts, max_len=64, temperature=1.0, seed=8, options=SMALL)
+  sess.begin([0, 1], 12, [[5]])
+  got = [[] for _ in prompts]
+  reasons = [None] * 4
+  for k in range(8):
+    if k == 2:
+      sess.begin([2, 3], 12, [[5]])
+    out = sess.step()
+    for i in range(4):
+      got[i] += out.tokens[i]
+      reasons[i] = out.stop_reason[i] or reasons[i]
+  assert sess.in_turn == [] and got == want.tokens and reasons == want.stop_reason
+  for i in range(4):
+    assert sess.tokens(i) == ref.tokens(i)
+    np.testing.assert_allclose(sess.logprobs(i), ref.logprobs(i), atol=1e-5)
+  sess.begin([1], 0)
+  with pytest.raises(ValueError, match="sequence 1 is in a turn"):
+    sess.extend({1: [3]})
+  with pytest.raises(ValueError, match="already in a turn"):
+    sess.begin([1], 4)
+  with pytest.raises(ValueError, match="other stop sequences"):
+    sess.begin([2], 4, [[7]])
+  assert sess.step().stop_reason == [None, "length", None, None] and sess.in_turn == []
+  sess.finish([3])
+  with pytest.raises(ValueError, match="begin: sequence 3 is finished"):
+    sess.begin([3], 4)
+
+
 def test_compaction_and_cache_growth_change_nothing(model):
   cfg, params, prompts = model
   prompts = prompts * 4  # 16 sequences: room to compact 16 -> 8 -> 4 ...

@@ -20,9 +20,14 @@ def get() -> ml_collections.ConfigDict:
   # Observation spliced in for each search of a batch whose retrieval failed after all retries (the rollout goes on).
   c.retrieval_error_message = "\n\n<information>Search failed: the search engine is unavailable.</information>\n\n"
 
-  # Most sequences (question x sample) the sampler holds at once; 0 = a whole rollout batch. A larger batch runs in
-  # waves of decode_slots // group_size questions, each its own sampler session (and seed): this bounds the KV cache
-  # and the prefill program (python -m launch.aot_compile sizes them per topology; configs/common.DECODE_SLOTS).
+  # How work items (question x sample) share the decode batch (searche1_jax/agent/rollout.py):
+  #   'sync'        Search-R1's loop: waves of decode_slots // group_size questions, turns in lockstep, one
+  #                 retriever call per turn.
+  #   'continuous'  decode_slots items decode at once, each on its own turns; a finished one's slot goes to the next
+  #                 waiting item, and retrieval overlaps with decoding. Same trajectories as 'sync' for one seed.
+  c.schedule = "sync"
+  # Most sequences the sampler holds at once; 0 = a whole rollout batch. This bounds the KV cache and the prefill
+  # program (python -m launch.aot_compile sizes them per topology; configs/common.DECODE_SLOTS).
   c.decode_slots = 0
   # Evaluation (which benchmarks, split and per-benchmark limits: the data block, configs/parts/data.py).
   c.eval = ml_collections.ConfigDict()

@@ -3,6 +3,7 @@
   generate(params, cfg, prompts, max_new_tokens=..., ...) -> GenerateResult   one batch, one turn
   Session(params, cfg, prompts, max_len=..., ...)                              multi-turn rollouts:
       .decode(max_new_tokens, stop_sequences) / .extend({i: ids}) / .finish([i]) / .tokens(i) ...
+      .begin([i], max_new_tokens, stops) / .step() / .admit(prompts)           a turn per sequence, chunk by chunk
   stops.for_tokenizer(tokenizer, ['</search>'])                               stop strings matched by bytes
 """
 from searche1_jax.sampling import stops

@@ -9,9 +9,18 @@
     ...
     sess.tokens(i), sess.policy_mask(i), sess.logprobs(i)    # the trajectory, aligned token by token
 
-Sequence i (the i-th prompt) keeps its index for the whole session. It is *live* until `finish([i])`; live
-sequences decode on every `decode` call and may be extended; finished ones never change again, and once
-enough have finished their cache rows are given up (compaction into a smaller batch bucket).
+A turn at a time per sequence (continuous batching: agent/rollout.py's 'continuous' schedule), the same work one
+chunk at a time, so the host can act between chunks:
+
+    sess.begin([0, 3], 500, stop_automaton)    # these sequences start a turn
+    out = sess.step()                          # one chunk for every sequence in a turn; out.stop_reason[i] once
+                                               # sequence i's turn ended (it then waits: extend, begin again)
+    new = sess.admit([prompt_ids, ...])        # more sequences, into the rows of finished ones
+
+Sequence i (the i-th prompt, then the admitted ones in order) keeps its index for the whole session. It is *live*
+until `finish([i])`; live sequences decode in their turns and may be extended between them; finished ones never
+change again, and once enough have finished their cache rows are given up (compaction into a smaller batch
+bucket) or handed to admitted sequences.
 
 Where the work goes: every token a sequence holds is in the cache (slot == position). `decode` runs jitted
 chunks of `options.decode_chunk` steps (one lax.while_loop each, cache donated); all live rows decode in the
@@ -118,6 +127,13 @@ class Session:
     self._lengths = np.zeros(n, np.int64)
     self._finished = np.zeros(n, bool)
     self._row = np.arange(n)  # row of sequence i in the device batch; -1 once compacted away
+    # The turn each sequence is in (`begin` .. its stop): tokens it may still produce, its stop-automaton state, and
+    # a stop found at `begin` (max_new_tokens 0 or a full sequence) that the next `step` reports.
+    self._in_turn = np.zeros(n, bool)
+    self._budget = np.zeros(n, np.int64)
+    self._stop_state = np.zeros(n, np.int32)
+    self._ended: dict[int, str] = {}
+    self._turn_stops: stops.StopAutomaton | None = None
     self._min_batch = self._opts.min_batch
     if mesh is not None:
       self._min_batch = max(self._min_batch, sharding.data_parallel_size(mesh))
@@ -195,6 +211,8 @@ class Session:
     for i in indices:
       self._check_index(i)
       self._finished[int(i)] = True
+      self._in_turn[int(i)] = False
+      self._ended.pop(int(i), None)
 
   def admit(self, prompts: Sequence[Sequence[int]]) -> list[int]:
     """Add sequences to the session and prefill them (continuous batching: work enters as other work finishes).
@@ -213,6 +231,9 @@ class Session:
     self._lps += [[] for _ in prompts]
     self._lengths = np.concatenate([self._lengths, np.zeros(len(prompts), np.int64)])
     self._finished = np.concatenate([self._finished, np.zeros(len(prompts), bool)])
+    self._in_turn = np.concatenate([self._in_turn, np.zeros(len(prompts), bool)])
+    self._budget = np.concatenate([self._budget, np.zeros(len(prompts), np.int64)])
+    self._stop_state = np.concatenate([self._stop_state, np.zeros(len(prompts), np.int32)])
     self._row = np.concatenate([self._row, np.full(len(prompts), -1)])
     live = np.flatnonzero(~self._finished[:start])
     if len(live) + len(prompts) > self._batch:  # grow the batch: live rows first, the new ones after them
@@ -223,7 +244,21 @@ class Session:
     old = self._row[:start]  # a view: finished sequences hand their rows on
     old[np.isin(old, free) & self._finished[:start]] = -1
     self._row[new] = free
-    self._append({int(i): p for i, p in zip(new, prompts)}, policy=False)
+    # Identical prompts among the admitted (a question's samples) prefill once; the others copy that cache row.
+    first_of: dict[tuple, int] = {}
+    source = np.asarray([first_of.setdefault(tuple(p), k) if self._opts.share_prompts else k
+                         for k, p in enumerate(prompts)])
+    self._append({int(new[k]): prompts[k] for k in np.flatnonzero(source == np.arange(len(prompts)))}, policy=False)
+    copies = np.flatnonzero(source != np.arange(len(prompts)))
+    if len(copies):
+      gather = np.arange(self._batch)
+      gather[self._row[new[copies]]] = self._row[new[source[copies]]]
+      self._gather_rows(gather, self._batch, self._cache_len)
+      for k in copies:
+        i, j = new[k], new[source[k]]
+        self._tokens[i], self._mask[i], self._lps[i] = list(self._tokens[j]), list(self._mask[j]), list(self._lps[j])
+        self._lengths[i] = self._lengths[j]
+      self.stats["shared_prefills"] += len(copies)
     return [int(i) for i in new]
 
   def extend(self, additions: Mapping[int, Sequence[int]]) -> None:
@@ -236,6 +271,8 @@ class Session:
       i = int(i)
       if self._finished[i]:
         raise ValueError(f"extend: sequence {i} is finished")
+      if self._in_turn[i]:
+        raise ValueError(f"extend: sequence {i} is in a turn; step it to its end first")
       toks = _check_ids(toks, self.cfg.vocab_size, f"extend: tokens for sequence {i}")
       if self._lengths[i] + len(toks) > self.max_len:
         raise ValueError(f"extend: sequence {i} holds {self._lengths[i]} tokens; appending {len(toks)} would "
@@ -245,96 +282,132 @@ class Session:
     if clean:
       self._append(clean, policy=False)
 
-  def decode(self, max_new_tokens: int, stop_sequences: stops.StopAutomaton | Sequence[Sequence[int]] = (), *,
-             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-             eos_ids: Sequence[int] | None = None) -> DecodeOutput:
-    """Decode every live sequence until it stops: an EOS id, a stop within this call's output, this call's
-    `max_new_tokens`, or max_len. Stops: a `stops.StopAutomaton` (e.g. `stops.from_strings(['</search>'],
-    token_bytes)`: the first token whose text completes a stop string, however it was tokenized) or token-id
-    lists (the first complete occurrence of one). Sampling parameters default to the session's. See
-    DecodeOutput."""
+  def begin(self, indices: Sequence[int], max_new_tokens: int,
+            stop_sequences: stops.StopAutomaton | Sequence[Sequence[int]] = ()) -> None:
+    """Start a turn for live sequences: from now on each `step` decodes them until an EOS id, a stop within the
+    turn's output, `max_new_tokens` tokens in the turn, or max_len. Stops as in `decode`; every sequence in a turn
+    at the same time must use the same stops (one automaton drives the batch)."""
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+      raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    automaton = self._automaton(stop_sequences)
+    if self.in_turn and automaton is not self._turn_stops:
+      raise ValueError("begin: sequences already in a turn use other stop sequences; finish their turns first")
+    for i in indices:
+      self._check_index(i)
+      i = int(i)
+      if self._finished[i]:
+        raise ValueError(f"begin: sequence {i} is finished")
+      if self._in_turn[i]:
+        raise ValueError(f"begin: sequence {i} is already in a turn")
+    self._turn_stops = automaton
+    for i in indices:
+      i = int(i)
+      self._in_turn[i], self._budget[i], self._stop_state[i] = True, int(max_new_tokens), 0
+      if max_new_tokens == 0:
+        self._ended[i] = "length"
+      elif self._lengths[i] >= self.max_len:
+        self._ended[i] = "cache_full"
+
+  @property
+  def in_turn(self) -> list[int]:
+    """Indices of the sequences in a turn (begun and not yet stopped or finished)."""
+    return [int(i) for i in np.flatnonzero(self._in_turn)]
+
+  def step(self, *, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+           eos_ids: Sequence[int] | None = None) -> DecodeOutput:
+    """One jitted chunk (options.decode_chunk steps) for every sequence in a turn; sequences not in a turn keep
+    their rows and do not change. DecodeOutput holds this chunk's tokens; stop_reason[i] is set for a sequence
+    whose turn ended in it (None: still in its turn, or not in one). Sampling parameters default to the
+    session's."""
     d = self._defaults
     temperature = d["temperature"] if temperature is None else float(temperature)
     top_p = d["top_p"] if top_p is None else float(top_p)
     top_k = d["top_k"] if top_k is None else int(top_k)
     check_sampling_params(temperature, top_p, top_k)
     eos = d["eos_ids"] if eos_ids is None else _check_ids(eos_ids, self.cfg.vocab_size, "eos_ids")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-      raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    stop_table = self._stop_table(stop_sequences)
     opts = self._opts
+    n = self.num_sequences
+    out = DecodeOutput([[] for _ in range(n)], [np.zeros(0, np.float32)] * n, [None] * n)
+    for i, reason in self._ended.items():
+      out.stop_reason[i] = reason
+      self._in_turn[i] = False
+    self._ended.clear()
+    active = self.in_turn
+    if not active:
+      return out
     eos_table = np.full(bucket(len(eos), (), opts.eos_slots, "eos slots"), ops.NO_TOKEN, np.int32)
     eos_table[:len(eos)] = eos
     greedy = temperature == 0.0
     top_k = 0 if top_k >= self.cfg.vocab_size else top_k
+    self._layout(int(max(self._lengths[active])) + opts.decode_chunk)
+    b = self._batch
+    rows = self._row[active]
+    lengths = np.zeros(b, np.int32)
+    seq_ids = np.zeros(b, np.int32)
+    is_active = np.zeros(b, bool)
+    budget = np.ones(b, np.int32)
+    stop_state = np.zeros(b, np.int32)
+    lengths[rows], seq_ids[rows], is_active[rows] = self._lengths[active], active, True
+    budget[rows], stop_state[rows] = self._budget[active], self._stop_state[active]
+    self._cache, self._last_hidden, toks, lps, n_new, reason, stop_state = self._prog.decode(
+        self._params, self._cache, self._last_hidden, lengths, seq_ids, is_active, budget, stop_state,
+        self._stop_table(self._turn_stops), eos_table, np.int32(self.max_len), np.int32(self.seed),
+        np.float32(temperature if not greedy else 1.0), np.float32(top_p), greedy=greedy, top_k=top_k,
+        use_top_p=top_p < 1.0, steps=opts.decode_chunk)
+    self.stats["decode_chunks"] += 1
+    # Every process steers every row (the decode batch is one program over the whole mesh): all of them read the
+    # whole output.
+    toks, lps, n_new, reason, stop_state = distributed.fetch((toks, lps, n_new, reason, stop_state))
+    for i, r in zip(active, rows):
+      k = int(n_new[r])
+      new, new_lp = toks[r, :k].tolist(), lps[r, :k]
+      out.tokens[i], out.logprobs[i] = new, new_lp
+      self._tokens[i] += new
+      self._lps[i] += new_lp.tolist()
+      self._mask[i] += [1] * k
+      self._lengths[i] += k
+      self._budget[i] -= k
+      self._stop_state[i] = stop_state[r]
+      if reason[r]:
+        out.stop_reason[i] = engine.REASONS[int(reason[r])]
+        self._in_turn[i] = False
+    return out
 
+  def decode(self, max_new_tokens: int, stop_sequences: stops.StopAutomaton | Sequence[Sequence[int]] = (), *,
+             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+             eos_ids: Sequence[int] | None = None) -> DecodeOutput:
+    """One whole turn for every live sequence: `begin` them all, then `step` until every turn ended. Stops: a
+    `stops.StopAutomaton` (e.g. `stops.from_strings(['</search>'], token_bytes)`: the first token whose text
+    completes a stop string, however it was tokenized) or token-id lists (the first complete occurrence of one).
+    Sampling parameters default to the session's. See DecodeOutput."""
+    if self.in_turn:
+      raise ValueError(f"decode: sequences {self.in_turn} are in a turn begun by `begin`; step them to its end")
+    self.begin(self.live, max_new_tokens, stop_sequences)
     n = self.num_sequences
     out_tokens: list[list[int]] = [[] for _ in range(n)]
-    out_lps: list[list[float]] = [[] for _ in range(n)]
+    out_lps: list[list[np.ndarray]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
-    produced = np.zeros(n, np.int64)
-    stop_states = np.zeros(n, np.int32)
-    active = []
-    for i in self.live:
-      if max_new_tokens == 0:
-        reasons[i] = "length"
-      elif self._lengths[i] >= self.max_len:
-        reasons[i] = "cache_full"
-      else:
-        active.append(i)
-
-    while active:
-      self._layout(int(max(self._lengths[active])) + opts.decode_chunk)
-      b = self._batch
-      lengths = np.zeros(b, np.int32)
-      seq_ids = np.zeros(b, np.int32)
-      is_active = np.zeros(b, bool)
-      budget = np.ones(b, np.int32)
-      stop_state = np.zeros(b, np.int32)
-      for i in active:
-        r = self._row[i]
-        lengths[r], seq_ids[r], is_active[r] = self._lengths[i], i, True
-        budget[r] = max_new_tokens - produced[i]
-        stop_state[r] = stop_states[i]
-      self._cache, self._last_hidden, toks, lps, n_new, reason, stop_state = self._prog.decode(
-          self._params, self._cache, self._last_hidden, lengths, seq_ids, is_active, budget, stop_state,
-          stop_table, eos_table, np.int32(self.max_len), np.int32(self.seed),
-          np.float32(temperature if not greedy else 1.0), np.float32(top_p), greedy=greedy, top_k=top_k,
-          use_top_p=top_p < 1.0, steps=opts.decode_chunk)
-      self.stats["decode_chunks"] += 1
-      # Every process steers every row (the decode batch is one program over the whole mesh): all of them read
-      # the whole output.
-      toks, lps, n_new, reason, stop_state = distributed.fetch((toks, lps, n_new, reason, stop_state))
-      still = []
-      for i in active:
-        r = self._row[i]
-        k = int(n_new[r])
-        new, new_lp = toks[r, :k].tolist(), lps[r, :k].tolist()
-        out_tokens[i] += new
-        out_lps[i] += new_lp
-        self._tokens[i] += new
-        self._lps[i] += new_lp
-        self._mask[i] += [1] * k
-        self._lengths[i] += k
-        produced[i] += k
-        stop_states[i] = stop_state[r]
-        if reason[r]:
-          reasons[i] = engine.REASONS[int(reason[r])]
-        else:
-          still.append(i)
-      active = still
-    return DecodeOutput(out_tokens, [np.asarray(x, np.float32) for x in out_lps], reasons)
+    while self.in_turn or self._ended:
+      part = self.step(temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids)
+      for i in range(n):
+        out_tokens[i] += part.tokens[i]
+        out_lps[i].append(part.logprobs[i])
+        reasons[i] = part.stop_reason[i] or reasons[i]
+    return DecodeOutput(out_tokens, [np.concatenate(x).astype(np.float32) if x else np.zeros(0, np.float32)
+                                     for x in out_lps], reasons)
 
   # ------------------------------------------------------------------------------------------ internals
 
-  def _stop_table(self, stop_sequences) -> jax.Array:
-    """The device copy of the stop automaton's table, padded to a bucket of states (kept on the automaton: uploaded
-    once per automaton and layout; token-id stops map to one cached automaton each)."""
+  def _automaton(self, stop_sequences) -> stops.StopAutomaton:
+    """A stops.StopAutomaton as it is, token-id stop sequences as their (cached, shared) automaton."""
     if isinstance(stop_sequences, stops.StopAutomaton):
-      automaton = stop_sequences
-    else:
-      automaton = _token_stops(tuple(tuple(_check_ids(s, self.cfg.vocab_size, f"stop sequence #{j}"))
-                                     for j, s in enumerate(stop_sequences)), self.cfg.vocab_size)
+      return stop_sequences
+    return _token_stops(tuple(tuple(_check_ids(s, self.cfg.vocab_size, f"stop sequence #{j}"))
+                              for j, s in enumerate(stop_sequences)), self.cfg.vocab_size)
+
+  def _stop_table(self, automaton: stops.StopAutomaton) -> jax.Array:
+    """The device copy of the automaton's table, padded to a bucket of states (kept on the automaton: uploaded
+    once per automaton and layout)."""
     states = bucket(automaton.num_states, (), self._opts.stop_states, "stop states")
     layout = (states, self.cfg.vocab_size, self.mesh)
     if layout not in automaton.device:
