@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 
 import jax
@@ -38,6 +39,7 @@ from searche1_jax.agent import rollout
 from searche1_jax.data import qa
 from searche1_jax.models import hf, qwen2
 from searche1_jax.retrieval import make_retriever
+from searche1_jax.retrieval.cache import CachingRetriever
 
 POLICY_20M = dict(hidden_size=256, intermediate_size=1024, num_layers=12, num_heads=4, num_kv_heads=2, head_dim=64,
                   tie_word_embeddings=True)
@@ -50,8 +52,11 @@ def _same(a, b) -> bool:
 
 
 def run_workload(params, model_cfg, questions, config, tokenizer, eos_ids, retriever, slots, repeats) -> dict:
+  """`retriever` has no memo: each rollout gets a fresh one of retrieval.cache_size, so no run replays the
+  searches of an earlier one."""
   seed = 1234
-  calls = {}
+  calls, hits = {}, {}
+  cache_size = int(config.retrieval.get("cache_size", 0))
 
   def once(schedule):
     r_cfg = copy.deepcopy(config.rollout)
@@ -59,8 +64,11 @@ def run_workload(params, model_cfg, questions, config, tokenizer, eos_ids, retri
     s = config.sampling
     make = rollout.sampler_session_factory(params, model_cfg, temperature=float(s.temperature), top_p=float(s.top_p),
                                            top_k=int(s.top_k), eos_ids=eos_ids, seed=seed)
-    res = rollout.run_rollouts(make, tokenizer, retriever, questions, config.protocol, r_cfg, group_size=GROUP)
+    fresh = CachingRetriever(retriever, cache_size) if cache_size else retriever
+    res = rollout.run_rollouts(make, tokenizer, fresh, questions, config.protocol, r_cfg, group_size=GROUP)
+    hits[id(res)] = fresh.hits if cache_size else 0
     calls.setdefault(schedule, []).append(res)
+    print(f"  {schedule}: {res.stats.total_s:.2f}s for {res.stats.num_trajectories} trajectories", file=sys.stderr)
     return res
 
   for schedule in rollout.SCHEDULES:  # compilation
@@ -81,7 +89,7 @@ def run_workload(params, model_cfg, questions, config, tokenizer, eos_ids, retri
         "occupancy": round(st.occupancy, 4),
         "wall_s": round(st.total_s, 3), "decode_s": round(st.decode_s, 3), "extend_s": round(st.extend_s, 3),
         "admit_s": round(st.session_s, 3), "decode_chunks": st.decode_chunks, "retrieval_calls": st.retrieval_calls,
-        "all_wall_s": [round(r.stats.total_s, 3) for r in results],
+        "retrieval_cache_hits": hits[id(best)], "all_wall_s": [round(r.stats.total_s, 3) for r in results],
     }
   sync, cont = calls["sync"][0].trajectories, calls["continuous"][0].trajectories
   out["speedup"] = round(out["continuous"]["traj_per_s"] / out["sync"]["traj_per_s"], 3)
@@ -106,7 +114,7 @@ def main() -> None:
     p.error(f"unrecognized arguments: {bad} (overrides are --config.<field>=<value>)")
   config_utils.apply_overrides(config, [o[len("--config."):] for o in overrides])
   demo.enable_compilation_cache(config)
-  log = demo.Log()
+  log = demo.Log(sys.stderr)  # stdout holds only the JSON line
   world = demo.stage_world(config, log)
   demo.stage_tokenizer(config, world, log)
   demo.stage_index(config, log)
@@ -116,7 +124,9 @@ def main() -> None:
   model_cfg, params = hf.model_from_config(config.model)
   tokenizer = AutoTokenizer.from_pretrained(config.model.get("tokenizer_dir", "") or config.model.hf_dir)
   eos_ids = hf.eos_ids_for(tokenizer, config.model.hf_dir)
-  retriever = make_retriever(config.retrieval)
+  uncached = copy.deepcopy(config.retrieval)
+  uncached.cache_size = 0
+  retriever = make_retriever(uncached)
   data = config.data
   train = qa.load_split(data.train_dataset, data.train_split, qa.source_dir(data.train_dataset, data), data.tfds_dir)
   big_cfg = model_cfg.replace(**POLICY_20M)
@@ -128,6 +138,7 @@ def main() -> None:
          "max_response_length": int(config.protocol.max_response_length)}
   for name in args.workloads.split(","):
     w_params, w_cfg, nq = workloads[name]
+    print(f"{name}:", file=sys.stderr)
     t0 = time.perf_counter()
     out[name] = run_workload(w_params, w_cfg, train[:nq], config, tokenizer, eos_ids, retriever, args.slots,
                              args.repeats)

@@ -440,6 +440,7 @@ def _check_sampling(c: _Checker) -> None:
   c.options(sampling_options.SamplerOptions, "sampling", "configs/parts/sampling.py")
   c.number("rollout.decode_slots", lo=0, integer=True)
   c.one_of("rollout.schedule", rollout_lib.SCHEDULES)
+  c.number("rollout.refill_fraction", lo=0.0, hi=1.0, lo_open=True)
   slots = c.get("rollout.decode_slots")
   for block in ("grpo", "ofsd"):
     g = c.get(f"{block}.group_size")
@@ -460,6 +461,7 @@ def _check_retrieval(c: _Checker) -> None:
   c.one_of("retrieval.backend", retriever.BACKENDS)
   c.number("retrieval.miss_rate", lo=0.0, hi=1.0, hi_open=True)
   c.number("retrieval.miss_seed", lo=0, integer=True)
+  c.number("retrieval.cache_size", lo=0, integer=True)
   for field in ("miss_rate", "miss_seed"):  # the warm-start transcripts script the misses the rollouts meet
     scripted, real = f"world.transcripts.{field}", f"retrieval.{field}"
     if c.has(scripted) and c.has(real) and c.get(scripted) != c.get(real):

@@ -76,7 +76,7 @@ class ScriptedSession:
       self.turn[i] += 1
       self.turns[i] = [stream, max_new_tokens, 0, []]
 
-  def step(self):
+  def step(self, exit_stopped=None):  # a scripted step ends every turn's chunk on its own: exit_stopped unused
     n = len(self.seqs)
     out = types.SimpleNamespace(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)],
                                 stop_reason=[None] * n)

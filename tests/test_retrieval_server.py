@@ -15,6 +15,7 @@ import pytest
 from fixtures.retrieval.helpers import make_tiny_bert, retrieval_cfg, small_corpus
 from searche1_jax.retrieval import Encoder, HttpRetriever, Passage, RetrievalError, make_retriever
 from searche1_jax.retrieval.build import build_index
+from searche1_jax.retrieval.cache import CachingRetriever
 from searche1_jax.retrieval.server import RetrievalServer, ServerLimits
 
 REPO = __file__.rsplit("/tests/", 1)[0]
@@ -35,6 +36,7 @@ def index_dir(tmp_path_factory):
 def local(index_dir):
   cfg = retrieval_cfg()
   cfg.index_dir, cfg.backend = index_dir, "exact"
+  cfg.cache_size = 0  # the index retriever itself (its encoder is inspected below)
   return make_retriever(cfg)
 
 
@@ -143,7 +145,7 @@ def test_http_retriever_against_our_server(server, local):
   cfg.backend, cfg.url = "http", server.url
   cfg.http.batch_size = 2  # 3 queries -> 2 requests, within the server's limit of 4
   remote = make_retriever(cfg)
-  assert isinstance(remote, HttpRetriever)
+  assert isinstance(remote, CachingRetriever) and isinstance(remote.inner, HttpRetriever)
   got, ref = remote.retrieve(QUERIES, 4), local.retrieve(QUERIES, 4)
   assert [[p.id for p in ps] for ps in got] == [[p.id for p in ps] for ps in ref]
   assert all(abs(a.score - b.score) < 1e-6 for x, y in zip(got, ref) for a, b in zip(x, y))

@@ -45,6 +45,27 @@ def test_extend_then_decode_equals_decoding_the_concatenation(model, temperature
     np.testing.assert_allclose(a, teacher_forced_logprobs(params, cfg, c, toks), atol=1e-4)
 
 
+def test_extending_a_few_rows_of_a_large_batch_computes_only_theirs(model):
+  """Two of eight sequences extended: the sub-batch program (extend_rows) runs, and the next decode equals decoding
+  the concatenations from scratch."""
+  cfg, params, prompts = model
+  prompts = prompts * 2
+  rng = np.random.default_rng(6)
+  sess = Session(params, cfg, prompts, max_len=64, temperature=1.0, seed=9, options=SMALL)
+  first = sess.decode(3)
+  ext = {1: rng.integers(0, cfg.vocab_size, 5).tolist(), 6: rng.integers(0, cfg.vocab_size, 12).tolist()}
+  calls, sub = sess.stats["extend_calls"], sess.stats["sub_batch_extends"]
+  sess.extend(ext)
+  assert sess.stats["extend_calls"] == calls + 1 and sess.stats["sub_batch_extends"] == sub + 1
+  assert sess.batch_size == 8
+  second = sess.decode(6)
+  concat = [p + first.tokens[i] + ext.get(i, []) for i, p in enumerate(prompts)]
+  scratch = generate(params, cfg, concat, max_new_tokens=6, temperature=1.0, seed=9, options=SMALL)
+  assert second.tokens == scratch.tokens
+  for a, b in zip(second.logprobs, scratch.logprobs):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_trajectory_accessors_line_up(model):
   cfg, params, prompts = model
   sess = Session(params, cfg, prompts, max_len=64, options=SMALL)

@@ -19,6 +19,9 @@ def get() -> ml_collections.ConfigDict:
   # texts, drawn by a hash of miss_seed and the text, gets ranks 2..topk+1 instead of 1..topk. 0 = off.
   c.miss_rate = 0.0
   c.miss_seed = 0
+  # Search results kept for repeated queries (least recently used dropped past this many; 0 = off): a question's
+  # samples often search the same text, in different retriever calls under rollout.schedule='continuous'.
+  c.cache_size = 65536
 
   c.encoding = ml_collections.ConfigDict()
   c.encoding.query_prefix = "auto"  # 'auto' = model convention (e5: 'query: ', minilm: ''); else the literal prefix

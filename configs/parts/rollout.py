@@ -26,6 +26,9 @@ def get() -> ml_collections.ConfigDict:
   #   'continuous'  decode_slots items decode at once, each on its own turns; a finished one's slot goes to the next
   #                 waiting item, and retrieval overlaps with decoding. Same trajectories as 'sync' for one seed.
   c.schedule = "sync"
+  # 'continuous': a decode chunk (sampling.decode_chunk steps) ends early once this fraction of the decode slots ended
+  # a turn in it, so the host refills idle rows soon (smaller: fuller batch, more host round trips).
+  c.refill_fraction = 0.25
   # Most sequences the sampler holds at once; 0 = a whole rollout batch. This bounds the KV cache and the prefill
   # program (python -m launch.aot_compile sizes them per topology; configs/common.DECODE_SLOTS).
   c.decode_slots = 0

@@ -36,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -53,9 +54,10 @@ class DecodeSession(Protocol):
 
   begin(indices, max_new_tokens, stop_sequences) starts a turn for those sequences (stop_sequences: a
     sampling.stops.StopAutomaton of the protocol's stop strings).
-  step() decodes one chunk for every sequence in a turn and returns an object with per-sequence-index lists
-    `tokens[i]`, `logprobs[i]` (temperature-1 log-prob of each new token) and `stop_reason[i]` (not None once
-    sequence i's turn ended in this chunk).
+  step(exit_stopped=None) decodes one chunk for every sequence in a turn (ending it early once `exit_stopped`
+    turns ended, if given) and returns an object with per-sequence-index lists `tokens[i]`, `logprobs[i]`
+    (temperature-1 log-prob of each new token) and `stop_reason[i]` (not None once sequence i's turn ended in this
+    chunk).
   extend({i: token_ids}) appends external tokens to sequence i between its turns (its prefix is not recomputed).
   finish([i, ...]) marks sequences done; they no longer decode.
   admit(prompts) adds sequences (prefilled) and returns their indices, numbered after the existing ones.
@@ -64,7 +66,7 @@ class DecodeSession(Protocol):
   def begin(self, indices: Sequence[int], max_new_tokens: int, stop_sequences: Any = ()) -> None:
     ...
 
-  def step(self) -> Any:
+  def step(self, exit_stopped: int | None = None) -> Any:
     ...
 
   def extend(self, tokens: Mapping[int, Sequence[int]]) -> None:
@@ -211,6 +213,7 @@ class _Cfg:
   strip_docs: bool
   schedule: str
   slots: int  # work items decoding at once (sync: a wave)
+  exit_stopped: int  # continuous: a decode chunk ends once this many turns ended in it
   stop_automaton: Any
   invalid_ids: list
   error_ids: list
@@ -234,6 +237,9 @@ class _Cfg:
       slots = n
     elif schedule == "sync":  # waves of whole question groups
       slots = max(1, slots // group_size) * group_size
+    refill = float(_cfg_value(rollout_cfg, "refill_fraction", "rollout"))
+    if not 0 < refill <= 1:
+      raise ValueError(f"rollout.refill_fraction must be in (0, 1], got {refill!r}")
     invalid_msg = _cfg_value(protocol_cfg, "invalid_action_message", "protocol")
     error_msg = _cfg_value(rollout_cfg, "retrieval_error_message", "rollout")
     return cls(
@@ -241,6 +247,7 @@ class _Cfg:
         max_query_chars=int(_cfg_value(rollout_cfg, "max_query_chars", "rollout")),
         keep_quotes=bool(_cfg_value(protocol_cfg, "obs_keep_title_quotes", "protocol")),
         strip_docs=bool(_cfg_value(protocol_cfg, "obs_strip_docs", "protocol")), schedule=schedule, slots=slots,
+        exit_stopped=max(1, math.ceil(refill * min(slots, n))),
         # A turn ends on the token whose text completes a stop string, however the model tokenized it.
         stop_automaton=sampling.stops.for_tokenizer(tokenizer,
                                                     list(_cfg_value(protocol_cfg, "stop_strings", "protocol"))),
@@ -324,10 +331,10 @@ class _Loop:
         self.turns[i] += 1
       self.decoding.update(indices)
 
-  def step(self) -> list[int]:
+  def step(self, exit_stopped: int | None = None) -> list[int]:
     """One decode chunk; returns the work items whose turn ended in it (in index order)."""
     t0 = time.perf_counter()
-    out = self.session.step()
+    out = self.session.step(exit_stopped=exit_stopped)
     self.stats.decode_s += time.perf_counter() - t0
     self.stats.decode_chunks += 1
     ended, steps = [], 0
@@ -463,7 +470,7 @@ def _run_continuous(loop: _Loop, slots: int) -> None:
   in_flight = None
   with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrieval") as pool:
     while loop.decoding or in_flight is not None:
-      ended = loop.step() if loop.decoding else []
+      ended = loop.step(loop.cfg.exit_stopped) if loop.decoding else []
       kinds = {i: loop.end_turn(i) for i in ended}
       observations = {i: (loop.cfg.invalid_ids, trajectory_lib.OBS_INVALID, None)
                       for i, k in kinds.items() if k == "invalid"}

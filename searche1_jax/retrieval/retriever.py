@@ -10,6 +10,7 @@ import jax
 from searche1_jax import distributed
 from searche1_jax.fingerprint import file_fingerprint, fingerprint_mismatch
 from searche1_jax.retrieval import index as index_lib
+from searche1_jax.retrieval.cache import CachingRetriever
 from searche1_jax.retrieval.client import HttpRetriever
 from searche1_jax.retrieval.corpus import Corpus
 from searche1_jax.retrieval.encoder import Encoder
@@ -118,7 +119,8 @@ def load_index_retriever(cfg: Any, encoder: Encoder | None = None) -> IndexRetri
 
 def make_retriever(cfg: Any):
   """cfg = configs/parts/retrieval.py get() (possibly overridden). Returns a `Retriever`; with
-  cfg.miss_rate > 0 it misses that fraction of query texts on purpose (`retrieval/misses.py`)."""
+  cfg.miss_rate > 0 it misses that fraction of query texts on purpose (`retrieval/misses.py`); with
+  cfg.cache_size > 0 it replays repeated queries from a memo (`retrieval/cache.py`)."""
   if cfg.backend == "http":
     retriever = HttpRetriever.from_config(cfg)
   elif cfg.backend in ("scann", "exact"):
@@ -127,4 +129,7 @@ def make_retriever(cfg: Any):
     raise ValueError(f"retrieval.backend={cfg.backend!r}: expected one of {BACKENDS}")
   rate = float(cfg.get("miss_rate", 0.0))
   retriever = MissingRetriever(retriever, rate, int(cfg.get("miss_seed", 0))) if rate > 0 else retriever
-  return HostShardedRetriever(retriever) if jax.process_count() > 1 else retriever
+  retriever = HostShardedRetriever(retriever) if jax.process_count() > 1 else retriever
+  # Outermost: every process sees the same queries in the same order, so all hit (and skip the exchange) together.
+  size = int(cfg.get("cache_size", 0))
+  return CachingRetriever(retriever, size) if size > 0 else retriever

@@ -37,9 +37,11 @@ class Programs:
     self.cfg, self.mesh, self.rules = cfg, mesh, rules
     self.new_state = jax.jit(self._new_state, static_argnames=("batch", "length"))
     self.extend = jax.jit(self._extend, donate_argnums=(1, 2), static_argnames=("fresh",))
+    self.extend_rows = jax.jit(self._extend_rows, donate_argnums=(1, 2), static_argnames=("fresh",))
     self.decode = jax.jit(self._decode, static_argnames=("greedy", "top_k", "use_top_p", "steps"),
                           donate_argnums=(1, 2))
     self.relayout = jax.jit(self._relayout, static_argnames=("length",))
+    self.copy_rows = jax.jit(self._copy_rows, donate_argnums=(0, 1))
 
   # -- sharding helpers (no-ops on a single device)
 
@@ -88,9 +90,27 @@ class Programs:
     last_hidden = jnp.where((counts > 0)[:, None], h_last.astype(last_hidden.dtype), last_hidden)
     return self._constrain_state(cache, last_hidden)
 
+  def _extend_rows(self, params, cache, last_hidden, rows, tokens, starts, counts, fresh: bool = False):
+    """`_extend` for a few rows of a large batch, at the cost of those rows: rows [R] (indices into the batch;
+    B = a padding entry, dropped) take tokens [R, T] at slots starts[r] .. starts[r] + counts[r] - 1. Their cache
+    rows are gathered, run through the layers, and written back. Single-device layouts only (on a mesh the row
+    gather would move cache rows between devices). Returns (cache, last_hidden)."""
+    TRACE_COUNTS["extend_rows"] += 1
+    safe = jnp.minimum(rows, last_hidden.shape[0] - 1)
+    sub = qwen2.KVCache(tuple(k[safe] for k in cache.k), tuple(v[safe] for v in cache.v))
+    hidden, sub = qwen2.forward_with_cache(params, self.cfg, tokens.astype(jnp.int32), sub,
+                                           starts.astype(jnp.int32), fresh)
+    cache = qwen2.KVCache(tuple(k.at[rows].set(x, mode="drop") for k, x in zip(cache.k, sub.k)),
+                          tuple(v.at[rows].set(x, mode="drop") for v, x in zip(cache.v, sub.v)))
+    h_last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
+    h_last = jnp.where((counts > 0)[:, None], h_last.astype(last_hidden.dtype), last_hidden[safe])
+    return cache, last_hidden.at[rows].set(h_last, mode="drop")
+
   def _decode(self, params, cache, last_hidden, lengths, seq_ids, active, budget, stop_state, stop_table, eos_ids,
-              max_len, seed, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool, steps: int):
-    """Up to `steps` decode steps for the active rows, in one lax.while_loop that exits once all rows stopped.
+              max_len, seed, temperature, top_p, exit_stopped, *, greedy: bool, top_k: int, use_top_p: bool,
+              steps: int):
+    """Up to `steps` decode steps for the active rows, in one lax.while_loop that exits once all rows stopped, or
+    once `exit_stopped` (int32 scalar) of them stopped (continuous batching: the host refills the idle rows).
 
     Args (B rows): lengths [B] tokens held; seq_ids [B] (the RNG stream of the row); active [B] bool;
     budget [B] tokens this row may still produce in this call; stop_state [B] int32, the row's state in the stop
@@ -111,7 +131,7 @@ class Programs:
                 tokens=jnp.full((b, steps), ops.NO_TOKEN, jnp.int32), logprobs=jnp.zeros((b, steps), jnp.float32))
 
     def cond(st):
-      return (st["i"] < steps) & jnp.any(~st["done"])
+      return (st["i"] < steps) & jnp.any(~st["done"]) & (jnp.sum(st["done"] & active) < exit_stopped)
 
     def body(st):
       live = ~st["done"]
@@ -160,6 +180,15 @@ class Programs:
     k_slots, v_slots = qwen2.CACHE_K_AXES.index("length"), qwen2.CACHE_V_AXES.index("length")
     new_cache = qwen2.KVCache(tuple(move(k, k_slots) for k in cache.k), tuple(move(v, v_slots) for v in cache.v))
     return self._constrain_state(new_cache, jnp.where(keep[:, None], last_hidden[safe], 0))
+
+
+  def _copy_rows(self, cache, last_hidden, src, dst):
+    """Row dst[r] becomes a copy of row src[r] (cache and hidden state), in place; dst = B entries are dropped."""
+    TRACE_COUNTS["copy_rows"] += 1
+    src = jnp.minimum(src, last_hidden.shape[0] - 1)
+    cache = qwen2.KVCache(tuple(k.at[dst].set(k[src], mode="drop") for k in cache.k),
+                          tuple(v.at[dst].set(v[src], mode="drop") for v in cache.v))
+    return self._constrain_state(cache, last_hidden.at[dst].set(last_hidden[src], mode="drop"))
 
 
 @functools.lru_cache(maxsize=16)

@@ -147,7 +147,7 @@ class Session:
     first = min(self.max_len, longest + self._opts.decode_chunk) if self._opts.grow_cache else self.max_len
     self._cache_len = self._cache_bucket(first)
     self._cache, self._last_hidden = self._prog.new_state(batch=self._batch, length=self._cache_len)
-    self.stats = dict(extend_calls=0, decode_chunks=0, relayouts=0, shared_prefills=0)
+    self.stats = dict(extend_calls=0, sub_batch_extends=0, decode_chunks=0, relayouts=0, shared_prefills=0)
     if shared:
       self._row[:] = -1
       self._row[unique] = np.arange(len(unique))
@@ -251,9 +251,10 @@ class Session:
     self._append({int(new[k]): prompts[k] for k in np.flatnonzero(source == np.arange(len(prompts)))}, policy=False)
     copies = np.flatnonzero(source != np.arange(len(prompts)))
     if len(copies):
-      gather = np.arange(self._batch)
-      gather[self._row[new[copies]]] = self._row[new[source[copies]]]
-      self._gather_rows(gather, self._batch, self._cache_len)
+      n_rows = self._batch_bucket(len(copies))
+      src, dst = np.zeros(n_rows, np.int32), np.full(n_rows, self._batch, np.int32)  # padding entries: dropped
+      src[:len(copies)], dst[:len(copies)] = self._row[new[source[copies]]], self._row[new[copies]]
+      self._cache, self._last_hidden = self._prog.copy_rows(self._cache, self._last_hidden, src, dst)
       for k in copies:
         i, j = new[k], new[source[k]]
         self._tokens[i], self._mask[i], self._lps[i] = list(self._tokens[j]), list(self._mask[j]), list(self._lps[j])
@@ -314,11 +315,11 @@ class Session:
     return [int(i) for i in np.flatnonzero(self._in_turn)]
 
   def step(self, *, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-           eos_ids: Sequence[int] | None = None) -> DecodeOutput:
+           eos_ids: Sequence[int] | None = None, exit_stopped: int | None = None) -> DecodeOutput:
     """One jitted chunk (options.decode_chunk steps) for every sequence in a turn; sequences not in a turn keep
-    their rows and do not change. DecodeOutput holds this chunk's tokens; stop_reason[i] is set for a sequence
-    whose turn ended in it (None: still in its turn, or not in one). Sampling parameters default to the
-    session's."""
+    their rows and do not change. The chunk ends early once every turn ended, or once `exit_stopped` turns ended in
+    it (None: never early). DecodeOutput holds this chunk's tokens; stop_reason[i] is set for a sequence whose
+    turn ended in it (None: still in its turn, or not in one). Sampling parameters default to the session's."""
     d = self._defaults
     temperature = d["temperature"] if temperature is None else float(temperature)
     top_p = d["top_p"] if top_p is None else float(top_p)
@@ -352,7 +353,8 @@ class Session:
     self._cache, self._last_hidden, toks, lps, n_new, reason, stop_state = self._prog.decode(
         self._params, self._cache, self._last_hidden, lengths, seq_ids, is_active, budget, stop_state,
         self._stop_table(self._turn_stops), eos_table, np.int32(self.max_len), np.int32(self.seed),
-        np.float32(temperature if not greedy else 1.0), np.float32(top_p), greedy=greedy, top_k=top_k,
+        np.float32(temperature if not greedy else 1.0), np.float32(top_p),
+        np.int32(b + 1 if exit_stopped is None else max(1, int(exit_stopped))), greedy=greedy, top_k=top_k,
         use_top_p=top_p < 1.0, steps=opts.decode_chunk)
     self.stats["decode_chunks"] += 1
     # Every process steers every row (the decode batch is one program over the whole mesh): all of them read the
@@ -477,18 +479,32 @@ class Session:
         break
       t_len = bucket(max(len(c) for c in chunks.values()), opts.length_buckets, opts.min_length,
                      "sampling.length_buckets")
-      b = self._batch
-      tokens = np.full((b, t_len), opts.pad_id, np.int32)
-      starts = np.full(b, self._cache_len, np.int32)  # rows not extended write off the end (dropped)
-      counts = np.zeros(b, np.int32)
-      for i, c in chunks.items():
-        r = self._row[i]
-        tokens[r, :len(c)] = c
-        starts[r] = self._lengths[i]
-        counts[r] = len(c)
       fresh = all(self._lengths[i] == 0 for i in chunks)  # a prefill: nothing in the cache to attend
-      self._cache, self._last_hidden = self._prog.extend(self._params, self._cache, self._last_hidden, tokens,
-                                                         starts, counts, fresh=fresh)
+      n_rows = self._batch_bucket(len(chunks))
+      if self.mesh is None and n_rows < self._batch:
+        # A few rows of a larger batch (observations, admitted prompts): compute only theirs.
+        rows = np.full(n_rows, self._batch, np.int32)  # padding entries: dropped
+        rows[:len(chunks)] = [self._row[i] for i in chunks]
+        tokens = np.full((n_rows, t_len), opts.pad_id, np.int32)
+        starts = np.zeros(n_rows, np.int32)
+        counts = np.zeros(n_rows, np.int32)
+        for k, (i, c) in enumerate(chunks.items()):
+          tokens[k, :len(c)], starts[k], counts[k] = c, self._lengths[i], len(c)
+        self._cache, self._last_hidden = self._prog.extend_rows(self._params, self._cache, self._last_hidden, rows,
+                                                                tokens, starts, counts, fresh=fresh)
+        self.stats["sub_batch_extends"] += 1
+      else:
+        b = self._batch
+        tokens = np.full((b, t_len), opts.pad_id, np.int32)
+        starts = np.full(b, self._cache_len, np.int32)  # rows not extended write off the end (dropped)
+        counts = np.zeros(b, np.int32)
+        for i, c in chunks.items():
+          r = self._row[i]
+          tokens[r, :len(c)] = c
+          starts[r] = self._lengths[i]
+          counts[r] = len(c)
+        self._cache, self._last_hidden = self._prog.extend(self._params, self._cache, self._last_hidden, tokens,
+                                                           starts, counts, fresh=fresh)
       self.stats["extend_calls"] += 1
       for i, c in chunks.items():
         self._tokens[i] += c

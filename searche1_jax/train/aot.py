@@ -313,7 +313,7 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
     args = (params, cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32), rowvec(rows, jnp.bool_),
             rowvec(rows, jnp.int32), rowvec(rows, jnp.int32), _sds((states, cfg.vocab_size), jnp.int32, rep),
             _sds((eos,), jnp.int32, rep), _sds((), jnp.int32, rep),
-            _sds((), jnp.int32, rep), _sds((), jnp.float32, rep), _sds((), jnp.float32, rep))
+            _sds((), jnp.int32, rep), _sds((), jnp.float32, rep), _sds((), jnp.float32, rep), _sds((), jnp.int32, rep))
     kwargs = dict(greedy=greedy, top_k=int(config.sampling.top_k), use_top_p=float(config.sampling.top_p) < 1.0,
                   steps=shapes.decode_steps)
     steps_ = shapes.decode_steps
