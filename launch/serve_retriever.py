@@ -30,6 +30,8 @@ def main(argv=None) -> int:
   ap.add_argument("--max_queries", type=int, default=s.max_queries, help="queries per request")
   ap.add_argument("--max_query_chars", type=int, default=s.max_query_chars)
   ap.add_argument("--max_body_bytes", type=int, default=s.max_body_bytes)
+  ap.add_argument("--backlog", type=int, default=s.backlog, help="connections queued before accept")
+  ap.add_argument("--workers", type=int, default=s.workers, help="requests served at once")
   ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                   help="any retrieval config field, e.g. --set encoding.platform=cpu")
   args = ap.parse_args(argv)
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
   cfg.index_dir, cfg.backend, cfg.corpus_path, cfg.encoder = args.index, args.backend, args.corpus, args.encoder
   s.host, s.port, s.default_topk, s.max_topk = args.host, args.port, args.default_topk, args.max_topk
   s.max_queries, s.max_query_chars, s.max_body_bytes = args.max_queries, args.max_query_chars, args.max_body_bytes
+  s.backlog, s.workers = args.backlog, args.workers
   try:
     apply_overrides(cfg, args.overrides)
   except ConfigError as e:

@@ -166,6 +166,16 @@ def test_prefill_and_extend_gather_weights_not_activations(v5p_doc):
       assert c["all-gather"]["max_bytes"] <= largest * 2, (r["name"], c)
 
 
+def test_decode_programs_report_per_step_hbm_bytes(v5p_doc):
+  """XLA's bytes accessed of one decode step (its while-loop body) against the minimum: the weights and the
+  per-chip share of the cache read once. A step cannot read less than that."""
+  for r in v5p_doc["programs"]:
+    if r["name"].endswith("_decode"):
+      assert r["step_bytes_min"] > 0 and r["step_bytes_xla"] >= r["step_bytes_min"], r
+    else:
+      assert "step_bytes_xla" not in r
+
+
 def test_estimates_and_the_readme_row(v5p_doc):
   """The per-step and per-rollout estimates combine the programs' roofline seconds as the trainer runs them."""
   config = tiny_config()

@@ -33,26 +33,33 @@ def np_kl(logp, ref, est):
     return logp - ref
   if est == "k2":
     return 0.5 * (logp - ref) ** 2
-  return np.exp(ref - logp) - (ref - logp) - 1
+  d = np.clip(logp - ref, -20.0, 20.0)  # veRL's low_var_kl: ref - logp within +-20, the estimate <= 10
+  return min(np.exp(-d) + d - 1, 10.0)
 
 
 def np_policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=None, ref=None, kl_coef=0.0,
-                   kl_estimator="k3", agg="token-mean", entropy=None, iw=None):
+                   kl_estimator="k3", agg="token-mean", entropy=None, iw=None, dual_clip=0.0, log_ratio_clamp=0.0):
   logp, old = np.float64(logp), np.float64(old)
   b, t = logp.shape
   hi = clip_eps if clip_eps_high is None else clip_eps_high
   adv = np.broadcast_to(np.float64(adv).reshape(b, -1), (b, t))
   loss_sum, tok, seqs = 0.0, 0, 0
   per_seq_sum, per_seq_mean = [], []
-  m = dict(clip_low=0, clip_high=0, akl=0.0, kl=0.0, pg=0.0, adv=[], ent=0.0, ratios=[])
+  m = dict(clip_low=0, clip_high=0, dual=0, akl=0.0, kl=0.0, pg=0.0, adv=[], ent=0.0, ratios=[])
   for i in range(b):
     s, n = 0.0, 0
     for j in range(t):
       if not mask[i, j]:
         continue
-      ratio = np.exp(logp[i, j] - old[i, j])
+      log_ratio = logp[i, j] - old[i, j]
+      if log_ratio_clamp:
+        log_ratio = min(max(log_ratio, -log_ratio_clamp), log_ratio_clamp)
+      ratio = np.exp(log_ratio)
       a = adv[i, j]
       pg = max(-a * ratio, -a * min(max(ratio, 1 - clip_eps), 1 + hi))
+      if dual_clip and a < 0 and pg > -a * dual_clip:
+        pg = -a * dual_clip
+        m["dual"] += 1
       if iw is not None:
         pg *= iw[i, j]
       kl = np_kl(logp[i, j], ref[i, j], kl_estimator) if ref is not None else 0.0
@@ -80,7 +87,8 @@ def np_policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=None, ref=N
   a = np.array(m["adv"]) if m["adv"] else np.zeros(1)
   metrics = {
       "tokens": tok, "sequences": seqs, "clip_low_count": m["clip_low"], "clip_high_count": m["clip_high"],
-      "approx_kl_old_sum": m["akl"], "kl_ref_sum": m["kl"], "pg_loss_sum": m["pg"], "adv_sum": a.sum() if tok else 0,
+      "approx_kl_old_sum": m["akl"], "kl_ref_sum": m["kl"], "dual_clip_count": m["dual"], "pg_loss_sum": m["pg"],
+      "adv_sum": a.sum() if tok else 0,
       "adv_sq_sum": (a**2).sum() if tok else 0, "entropy_sum": m["ent"],
       "ratio_min": min(m["ratios"], default=np.inf), "ratio_max": max(m["ratios"], default=-np.inf),
       "clip_frac_low": m["clip_low"] / n, "clip_frac_high": m["clip_high"] / n, "approx_kl_old": m["akl"] / n,
@@ -171,6 +179,11 @@ OPTION_GRID = [
         ("seq-mean-token-mean", "k1", 0.28, True, False, False),
         ("seq-mean-token-sum", "k2", None, False, True, True),
     ]
+] + [  # the safety rails: dual clip and log-ratio clamp, each binding on some tokens of the batch
+    dict(agg="token-mean", kl_estimator="k3", clip_eps_high=0.28, use_iw=True, use_ent=False, adv_per_token=True,
+         dual_clip=1.5, log_ratio_clamp=0.0),
+    dict(agg="seq-mean-token-mean", kl_estimator="k3", clip_eps_high=None, use_iw=False, use_ent=False,
+         adv_per_token=False, dual_clip=1.3, log_ratio_clamp=0.4),
 ]
 
 
@@ -189,8 +202,9 @@ def test_policy_loss_vs_numpy(opts):
   assert set(metrics) == set(ref_metrics)
   for k, v in ref_metrics.items():
     np.testing.assert_allclose(float(metrics[k]), v, err_msg=k, **TOL)
-  # the grid exercises both clip sides
+  # the grid exercises both clip sides, and the dual clip where it is on
   assert ref_metrics["clip_low_count"] > 0 and ref_metrics["clip_high_count"] > 0
+  assert (ref_metrics["dual_clip_count"] > 0) == bool(kw.get("dual_clip"))
 
 
 def test_policy_loss_without_reference_and_jit():
@@ -245,6 +259,43 @@ def test_gradient_zero_where_clipped_and_masked(agg):
     w = np.full_like(ratio, 1.0 / mask.shape[0])
   free = ~clipped & mask
   np.testing.assert_allclose(grad[free], (-adv * ratio * w)[free], **TOL)
+
+
+def test_k3_is_clamped_as_verl_does():
+  """k3 = exp(-d) + d - 1 (d = logp - ref) is at most 10 nats, finite for any gap, and a clamped token gets no
+  gradient; below the clamp it is the plain estimate."""
+  logp = jnp.asarray([0.0, -40.0, -2.0, -1.0, -3.0])
+  ref = jnp.asarray([-40.0, 0.0, 0.0, -1.5, 0.0])
+  k3 = np.asarray(grpo.kl_penalty(logp, ref, "k3"))
+  d = np.float64(logp - ref)
+  plain = np.exp(-d) + d - 1
+  assert np.isfinite(k3).all()
+  np.testing.assert_allclose(k3, np.minimum(plain, 10.0), rtol=1e-5)
+  assert (plain > 10).sum() == 3  # d = 40, -40, -3 bind; -2 (5.39 nats) and 0.5 do not
+  grad = np.asarray(jax.grad(lambda lp: grpo.kl_penalty(lp, ref, "k3").sum())(logp))
+  np.testing.assert_array_equal(grad[plain > 10], 0.0)
+  np.testing.assert_allclose(grad[plain <= 10], (1 - np.exp(-d))[plain <= 10], rtol=1e-5)
+
+
+def test_dual_clip_bounds_negative_advantage_losses_without_gradient():
+  d = make_batch(seed=5)
+  adv = jnp.asarray(d["adv"])
+
+  def loss(logp, **kw):
+    s, n, m = grpo.policy_loss(logp, jnp.asarray(d["old"]), adv, jnp.asarray(d["mask"]), clip_eps=0.2, **kw)
+    return s / n, m
+
+  logp = jnp.asarray(d["logp"])
+  grad = np.asarray(jax.grad(lambda lp: loss(lp, dual_clip=1.5)[0])(logp))
+  plain = np.asarray(jax.grad(lambda lp: loss(lp)[0])(logp))
+  ratio = np.exp(np.float64(d["logp"]) - d["old"])
+  bound = (d["adv"][:, None] < 0) & (ratio > 1.5) & d["mask"]
+  assert bound.sum() >= 2 and int(loss(logp, dual_clip=1.5)[1]["dual_clip_count"]) == bound.sum()
+  np.testing.assert_array_equal(grad[bound], 0.0)
+  assert np.abs(plain[bound]).min() > 0
+  np.testing.assert_allclose(grad[~bound], plain[~bound], rtol=1e-6)
+  with pytest.raises(ValueError, match="dual_clip=0.5"):
+    loss(logp, dual_clip=0.5)
 
 
 def test_kl_gradient_and_masked_garbage():

@@ -21,6 +21,7 @@ from searche1_jax.rl import ofsd
 from searche1_jax.rl import grpo
 from searche1_jax.rl import grpo_loss
 from searche1_jax.rl import ofsd_loss
+from searche1_jax.rl import ofsd_phase
 from searche1_jax.train import steps
 
 CFG = qwen2.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -351,6 +352,31 @@ def test_grpo_sd_gradient_and_microbatches(models):
                          jax.tree.leaves(g_got)):
     np.testing.assert_allclose(new, np.asarray(old) - np.asarray(g), rtol=1e-4, atol=1e-7)
   assert float(metrics["sd_distill_tokens"]) == sum(batch["distill_mask"][i, 1:].sum() for i in range(4) if active[i])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_each_of_several_updates_gets_alpha_exactly(models, agg):
+  """A rollout batch split into two updates: each update's loss is L_GRPO of its rows + alpha * the mean SD
+  divergence over its rows' distilled tokens, with ofsd_phase.minibatch_sd_weight; the whole batch's sd_weight
+  sliced per update would scale alpha by the update's share of SD tokens over its share of GRPO tokens."""
+  params, _ = models
+  pairs, batch, active = sd_case(agg=agg)
+  alpha = 0.3
+  fn = jax.jit(ofsd_loss.grpo_sd_loss_fn(CFG, grpo_opts(agg), div(top_k=None, alpha=alpha)))
+  g_fn = jax.jit(grpo_loss.grpo_loss_fn(CFG, grpo_opts(agg)))
+  want = direct_divergence(params, params, pairs) * active
+  n_sd = np.asarray([int(p["mask"].sum()) for p in pairs]) * active
+  sliced_coefficients = []
+  for rows in (np.array([0, 2]), np.array([1, 3])):  # each update holds one of the two rows with SD tokens
+    mb = {k: v[rows] for k, v in batch.items()}
+    g_sum, g_den, _ = g_fn(params, mb, None)
+    mb["sd_weight"] = ofsd_phase.minibatch_sd_weight(batch, rows, agg)
+    s, d, _ = fn(params, mb, None)
+    np.testing.assert_allclose(float(s) / float(d), float(g_sum) / float(g_den)
+                               + alpha * want[rows].sum() / n_sd[rows].sum(), rtol=1e-4)
+    # The coefficient the whole batch's weights would give this update's mean SD divergence.
+    sliced_coefficients.append(alpha * float(batch["sd_weight"][rows].max()) * n_sd[rows].sum() / float(g_den))
+  assert not np.allclose(sliced_coefficients, alpha, rtol=0.05), sliced_coefficients
 
 
 def test_grpo_denominator_matches_policy_loss():

@@ -461,6 +461,21 @@ def test_toy_phase_moves_student_toward_reference(cfg, tok, groups, toy):
   assert history[0]["divergence"] == pytest.approx(m["divergence_before"], rel=0.5)
 
 
+def test_phase_start_copies_params_only_for_a_full_teacher(toy, monkeypatch):
+  """empty_carry allocates the optimizer state and (ofsd.targets 'full' only) the teacher's copy: no throwaway
+  copy of the params, one more model-sized buffer at every phase start (issue 23, finding 7)."""
+  policy, _, _, runner = toy
+  copies = []
+  real = steps.fresh_copy
+  monkeypatch.setattr(steps, "fresh_copy", lambda tree, shardings: copies.append(tree) or real(tree, shardings))
+  carry = runner.empty_carry(policy)
+  assert len(copies) == int(runner.full) and (carry.teacher is not None) == runner.full
+  state = runner.train.init_state(policy)
+  ref = jax.tree.leaves(jax.device_get(state.opt_state))
+  got = jax.tree.leaves(jax.device_get(carry.opt_state))
+  assert len(got) == len(ref) and all(np.array_equal(a, b) for a, b in zip(got, ref)) and int(carry.step) == 0
+
+
 def test_resumed_phase_replays_identically(cfg, tok, groups, toy, tmp_path):
   """Interrupt after one update, checkpoint the buffer ('extra'), restore it and continue from (epoch, batch):
   the final params equal an uninterrupted run's."""

@@ -1,6 +1,8 @@
-"""Resume after SIGKILL: a run killed in the middle of a GRPO round, restarted, killed again in the middle of
-its OFSD phase, and restarted again in the same workdir, writes exactly the metrics and results of an
-uninterrupted run (same rollouts, same updates, same OFSD pairs and targets, same evaluation).
+"""Resume after SIGKILL: a run killed in the middle of a GRPO round, restarted, killed again just after entering
+its OFSD phase (before the phase's buffer exists), again after the phase's first update, and finished from a
+corrupted latest checkpoint (the restart falls back to the one before, with a warning naming it), all in the same
+workdir, writes exactly the metrics and results of an uninterrupted run (same rollouts, same updates, same OFSD
+pairs and targets, same evaluation).
 
 The runs go through `launch/train.py` in subprocesses on the smoke demo config with a checkpoint after every
 update. The smoke policy is made a little bigger and warm-started long enough to reproduce some training
@@ -20,6 +22,7 @@ import pytest
 
 from launch import export_hf
 from searche1_jax.models import hf
+from searche1_jax.train import faults
 
 import testenv
 
@@ -83,9 +86,27 @@ def _results(workdir):
   return [{k: v for k, v in e.items() if not k.startswith(TIMING_KEYS)} for e in rounds]
 
 
-def _run_until(cmd, workdir, predicate, env, timeout=600):
+def _run_killed_at(cmd, env, point):
+  """Run cmd until it SIGKILLs itself at a fault point (searche1_jax/train/faults.py)."""
+  proc = subprocess.run(cmd, cwd=REPO, env=dict(env, **{faults.ENV: point}), timeout=600,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  assert proc.returncode == -signal.SIGKILL, f"not killed at {point} ({proc.returncode}):\n{proc.stderr[-3000:]}"
+
+
+def _corrupt_latest_checkpoint(workdir) -> int:
+  """Truncates every file of the newest checkpoint's state item (as a kill mid-write on a filesystem without
+  atomic renames leaves it). Returns its step."""
+  root = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(root) if d.isdigit())
+  for base, _, files in os.walk(os.path.join(root, str(step), "state")):
+    for name in files:
+      open(os.path.join(base, name), "wb").close()
+  return step
+
+
+def _run_until(cmd, workdir, predicate, env, timeout=600, stderr=None):
   """Start cmd; SIGKILL it as soon as predicate(metrics rows) holds. Returns True if it was killed."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
   deadline = time.time() + timeout
   path = os.path.join(workdir, "metrics.jsonl")
   try:
@@ -126,13 +147,24 @@ def test_sigkill_mid_round_and_mid_ofsd_resumes_identically(cache, tmp_path):
   cmd = _train_cmd(cache, work)
   assert _run_until(cmd, work, lambda rows: any(r["phase"] == "grpo" and r["step"] == 2 for r in rows), env)
   assert len(_rows(work)) < len(want)
-  # Second life: killed after the first OFSD update (the phase's buffer and targets are in the checkpoint).
+  # Second life: killed on entering the OFSD phase, its checkpoint written and no buffer yet.
+  _run_killed_at(cmd, env, "ofsd_enter")
+  assert not any(r["phase"] in ("ofsd_buffer", "ofsd") for r in _rows(work))
+  # Third life: killed after the first OFSD update (the phase's buffer and targets are in the checkpoint).
   def first_ofsd_done(rows):
     return any(r["phase"] == "ofsd" and r["step"] == first_ofsd for r in rows)
 
-  assert _run_until(cmd, work, first_ofsd_done, env)
+  with open(tmp_path / "third_life.log", "w") as f:  # resumes from the phase's entry checkpoint, no fallback
+    assert _run_until(cmd, work, first_ofsd_done, env, stderr=f)
+  assert "cannot restore" not in (tmp_path / "third_life.log").read_text()
   assert not any(r["phase"] == "ofsd_end" for r in _rows(work))
-  _run_until(cmd, work, lambda rows: False, env)
+  # Last life: the newest checkpoint is unreadable; the run goes back one and warns once, naming it.
+  bad = _corrupt_latest_checkpoint(work)
+  log = tmp_path / "last_life.log"
+  with open(log, "w") as f:
+    _run_until(cmd, work, lambda rows: False, env, stderr=f)
+  warnings = [line for line in log.read_text().splitlines() if "cannot restore checkpoint" in line]
+  assert len(warnings) == 1 and f"checkpoint {bad} " in warnings[0], warnings
 
   assert _rows(work) == want
   assert _results(work) == _results(ref_dir)

@@ -126,3 +126,61 @@ def test_scripts_run_from_repo_root_as_modules():
   for module in ("launch.build_index", "launch.serve_retriever"):
     r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--index" in r.stdout, r.stderr
+
+
+# ----------------------------------------------------------------------------------- import from FAISS
+
+def _faiss_index(path, vectors, kind="ip"):
+  """A FAISS index file written by faiss itself (faiss-cpu, test extra)."""
+  import faiss  # deferred: only these tests need it
+  index = {"ip": faiss.IndexFlatIP, "l2": faiss.IndexFlatL2}[kind](vectors.shape[1])
+  index.add(np.ascontiguousarray(vectors, np.float32))
+  faiss.write_index(index, str(path))
+  return index
+
+
+def test_import_from_a_faiss_flat_index_encodes_no_passage(setup, tmp_path):
+  """Search-R1's prebuilt e5_Flat.index path: the vectors of a FAISS IndexFlatIP become the index's embeddings
+  (copied shard by shard, resumable), passages are never encoded, and retrieval ranks as FAISS ranks."""
+  _, corpus, _, encoder = setup
+  vectors = np.random.default_rng(3).normal(size=(10, encoder.dim)).astype(np.float32)  # not the encoder's
+  faiss_index = _faiss_index(tmp_path / "e5_Flat.index", vectors)
+  enc = CountingEncoder(encoder)
+  out = str(tmp_path / "imported")
+  assert build_index(corpus, enc, out, "exact", _cfg(), progress=False, from_faiss=str(tmp_path / "e5_Flat.index"),
+                     stop_after_shards=1) is None
+  m = build_index(corpus, enc, out, "exact", _cfg(), progress=False, from_faiss=str(tmp_path / "e5_Flat.index"))
+  assert enc.calls == [] and m["num_passages"] == 10
+  np.testing.assert_array_equal(index_lib.load_embeddings(out), vectors)
+  cfg = _cfg()
+  cfg.index_dir, cfg.backend, cfg.cache_size = out, "exact", 0
+  retriever = make_retriever(cfg)
+  queries = ["Who painted the Mona Lisa?", "tallest mountain", "radioactivity research"]
+  got = retriever.retrieve(queries, 4)
+  scores, ids = faiss_index.search(encoder.encode(queries, kind="query"), 4)
+  assert [[int(p.id) for p in ps] for ps in got] == [[int(x) for x in row] for row in ids]  # fixture ids = rows
+  np.testing.assert_allclose([[p.score for p in ps] for ps in got], scores, rtol=1e-5, atol=1e-5)
+
+
+def test_faiss_imports_refuse_what_does_not_fit(setup, tmp_path):
+  import faiss
+  _, corpus, _, encoder = setup
+  out = str(tmp_path / "idx")
+  rng = np.random.default_rng(0)
+  _faiss_index(tmp_path / "l2.index", rng.normal(size=(10, encoder.dim)), kind="l2")
+  _faiss_index(tmp_path / "dim.index", rng.normal(size=(10, encoder.dim + 1)))
+  _faiss_index(tmp_path / "count.index", rng.normal(size=(9, encoder.dim)))
+  quantizer = faiss.IndexFlatIP(encoder.dim)
+  ivf = faiss.IndexIVFFlat(quantizer, encoder.dim, 2, faiss.METRIC_INNER_PRODUCT)
+  ivf.train(rng.normal(size=(64, encoder.dim)).astype(np.float32))
+  faiss.write_index(ivf, str(tmp_path / "ivf.index"))
+  good = tmp_path / "good.index"
+  _faiss_index(good, rng.normal(size=(10, encoder.dim)))
+  cut = tmp_path / "cut.index"
+  cut.write_bytes(good.read_bytes()[:-7])
+  for name, message in [("l2.index", "l2 index"), ("dim.index", f"dimension {encoder.dim + 1}"),
+                        ("count.index", "9 vectors for the 10 passages"), ("ivf.index", "an IVF-flat index"),
+                        ("cut.index", "truncated")]:
+    with pytest.raises(ValueError, match=message) as e:
+      build_index(corpus, encoder, out, "exact", _cfg(), progress=False, from_faiss=str(tmp_path / name))
+    assert name in str(e.value)

@@ -1,5 +1,7 @@
 """HTTP server (Search-R1 API) and client: shapes, scores, 4xx on bad requests while serving on,
 client retries with exponential backoff. Everything talks to 127.0.0.1 only."""
+import concurrent.futures
+import dataclasses
 import http.client
 import json
 import socket
@@ -13,10 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fixtures.retrieval.helpers import make_tiny_bert, retrieval_cfg, small_corpus
-from searche1_jax.retrieval import Encoder, HttpRetriever, Passage, RetrievalError, make_retriever
+from searche1_jax.agent import protocol
+from searche1_jax.retrieval import Encoder, HttpRetriever, Passage, RetrievalError, iter_passages, make_retriever
 from searche1_jax.retrieval.build import build_index
 from searche1_jax.retrieval.cache import CachingRetriever
-from searche1_jax.retrieval.server import RetrievalServer, ServerLimits
+from searche1_jax.retrieval.server import RetrievalServer, ServerLimits, format_result
 
 REPO = __file__.rsplit("/tests/", 1)[0]
 LIMITS = ServerLimits(default_topk=3, max_topk=8, max_queries=4, max_query_chars=200, max_body_bytes=2000)
@@ -106,12 +109,45 @@ def test_search_r1_response_shapes(server, local):
     (b'{"queries": ["a", "b", "c", "d", "e"]}', 400, "limit of 4"),
     (json.dumps({"queries": ["x" * 201]}).encode(), 400, "limit is 200"),
     (json.dumps({"queries": ["x" * 150] * 4 + ["y" * 150] * 10}).encode(), 413, "exceeds the limit"),
+    (b"[" * 1999, 400, "nested too deeply"),  # the parser's recursion limit, before the missing brackets
+    (b'{"queries": ["ok", "\\ud800"]}', 400, "queries[1] is not valid Unicode"),  # a lone surrogate
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, message):
   got_status, got = _post(server, body)
   assert got_status == status and message in got["error"], got
   ok_status, ok = _retrieve(server, {"queries": QUERIES[:1], "topk": 1})
   assert ok_status == 200 and len(ok["result"][0]) == 1
+
+
+def test_twenty_four_clients_at_once_all_get_their_answers(local):
+  """More clients than workers and than the stdlib's backlog of 5: every request is queued and answered."""
+  limits = dataclasses.replace(LIMITS, workers=3, backlog=64)
+  srv = RetrievalServer(local, "127.0.0.1", 0, limits)
+  assert srv.request_queue_size == 64
+  srv.start_background()
+  try:
+    want = {q: [p.id for p in ps] for q, ps in zip(QUERIES, local.retrieve(QUERIES, 2))}
+    jobs = [QUERIES[i % 3] for i in range(24 * 3)]
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+      got = list(pool.map(lambda q: _retrieve(srv, {"queries": [q], "topk": 2}), jobs))
+    assert all(status == 200 for status, _ in got)
+    assert [[d["id"] for d in body["result"][0]] for _, body in got] == [want[q] for q in jobs]
+  finally:
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_passages_keep_their_corpus_contents_byte_for_byte(tmp_path):
+  """A wiki-18 record whose title line has no quotes (or odd spacing) is served, and formatted into an
+  observation, exactly as stored; title/text records get the quoted form."""
+  records = [{"id": "0", "contents": "Plain title\nbody one"}, {"id": "1", "contents": '"Quoted"\n  two\n'},
+             {"id": "2", "title": "T", "text": "three"}]
+  path = tmp_path / "c.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  passages = list(iter_passages(str(path)))
+  served = format_result([passages], return_scores=False)["result"][0]
+  assert [d["contents"] for d in served] == ["Plain title\nbody one", '"Quoted"\n  two\n', '"T"\nthree']
+  assert protocol.format_passages([passages[0].contents]) == "Doc 1(Title: Plain title) body one\n"
 
 
 def test_unknown_path_and_health(server):

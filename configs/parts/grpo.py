@@ -16,6 +16,11 @@ def get() -> ml_collections.ConfigDict:
   # Policy loss.
   c.clip_eps = 0.2  # PPO clip, lower side: ratio >= 1 - clip_eps (docs/reference.md: clip ratio 0.2)
   c.clip_eps_high = 0.2  # PPO clip, upper side: ratio <= 1 + clip_eps_high (0.2 = symmetric; DAPO uses 0.28)
+  # Safety rails veRL added after the version Search-R1 ran (0 = off, Search-R1's numbers): dual_clip c > 1 bounds a
+  # negative-advantage token's loss at -A * c (veRL clip_ratio_c: 3.0); log_ratio_clamp clamps logp - old_logp
+  # before exp (veRL: 20). The k3 KL estimate is always clamped at 10 nats, as in both (rl/grpo.py kl_penalty).
+  c.dual_clip = 0.0
+  c.log_ratio_clamp = 0.0
   c.agg = "token-mean"  # loss aggregation: 'token-mean' (veRL of Search-R1) | 'seq-mean-token-mean' |
   #                       'seq-mean-token-sum'
   c.temperature = 1.0  # logits / temperature when scoring, must equal the sampling temperature (docs/reference.md: 1)

@@ -76,4 +76,7 @@ def get() -> ml_collections.ConfigDict:
   c.server.max_queries = 1024  # queries per request
   c.server.max_query_chars = 4096  # characters per query
   c.server.max_body_bytes = 8 << 20  # request bodies above this get 413
+  c.server.backlog = 256  # connections queued by the OS before accept (stdlib default 5: a pod's hosts get resets)
+  c.server.workers = 64  # requests served at once (threads); more wait for a free one
+  c.server.idle_timeout_s = 30.0  # a connection silent this long is closed
   return c

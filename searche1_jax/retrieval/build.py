@@ -1,5 +1,8 @@
 """Builds an index directory from a JSONL corpus: scan -> encode in shards (resumable) -> index.
 
+With `from_faiss`, the passage vectors come from a FAISS flat index file instead of the encoder (Search-R1's
+`e5_Flat.index` over wiki-18: no re-encoding of 21M passages); they are copied shard by shard from a memory map.
+
 Layout while a build is unfinished: build_state.json (what is being built), offsets.npy and
 shards/NNNNNN.npy (one float32 [shard_size, D] file per finished shard, written atomically).
 A re-run with the same corpus, encoder and shard size skips finished shards. The manifest is
@@ -21,6 +24,7 @@ from searche1_jax.fingerprint import file_fingerprint
 from searche1_jax.retrieval import index as index_lib
 from searche1_jax.retrieval.corpus import Corpus, scan_corpus
 from searche1_jax.retrieval.encoder import Encoder
+from searche1_jax.retrieval.faiss_flat import read_flat_index
 
 STATE = "build_state.json"
 SHARDS = "shards"
@@ -50,8 +54,9 @@ def _check_same(recorded: dict, wanted: dict, path: str) -> None:
 
 
 def _encode_shards(corpus: Corpus, encoder: Encoder, shard: int, shard_paths: list[str],
-                   stop_after_shards: int | None, progress: bool) -> bool:
-  """Encodes the shards whose file is missing; returns False when stopped early by `stop_after_shards`."""
+                   stop_after_shards: int | None, progress: bool, vectors: np.ndarray | None = None) -> bool:
+  """Encodes (or, given `vectors` [n, D], copies) the shards whose file is missing; returns False when stopped
+  early by `stop_after_shards`."""
   n = len(corpus)
   todo = [k for k, path in enumerate(shard_paths) if not os.path.isfile(path)]
   bar = None
@@ -62,10 +67,13 @@ def _encode_shards(corpus: Corpus, encoder: Encoder, shard: int, shard_paths: li
     for count, k in enumerate(todo):
       if stop_after_shards is not None and count >= stop_after_shards:
         return False
-      passages = corpus.slice(k * shard, (k + 1) * shard)
-      _save_npy_atomic(shard_paths[k], encoder.encode([p.contents for p in passages], kind="passage"))
+      if vectors is not None:
+        part = np.asarray(vectors[k * shard:(k + 1) * shard], np.float32)
+      else:
+        part = encoder.encode([p.contents for p in corpus.slice(k * shard, (k + 1) * shard)], kind="passage")
+      _save_npy_atomic(shard_paths[k], part)
       if bar is not None:
-        bar.update(len(passages))
+        bar.update(len(part))
   finally:
     if bar is not None:
       bar.close()
@@ -87,11 +95,14 @@ def _concatenate_shards(shard_paths: list[str], shard: int, n: int, dim: int, ou
 
 
 def build_index(corpus_path: str, encoder: Encoder, out_dir: str, index_type: str, cfg: Any,
-                stop_after_shards: int | None = None, progress: bool = True) -> dict | None:
+                stop_after_shards: int | None = None, progress: bool = True,
+                from_faiss: str | None = None) -> dict | None:
   """Builds (or resumes) an index of `corpus_path` in `out_dir`.
 
   cfg: the retrieval config block (uses cfg.build, cfg.scann). `stop_after_shards`: encode at most
   this many shards in this call, then return None (the build resumes on the next call).
+  from_faiss: a FAISS flat inner-product index file whose row i is corpus line i's embedding by `encoder` (which
+  still encodes the queries and is recorded in the manifest); its vectors are used instead of encoding.
   Returns the manifest once the index is complete.
   """
   if index_type not in INDEX_TYPES:
@@ -105,6 +116,18 @@ def build_index(corpus_path: str, encoder: Encoder, out_dir: str, index_type: st
   wanted = {"corpus_path": corpus_path, "corpus_fingerprint": corpus_fp,
             "encoder": {k: v for k, v in identity.items() if k != "name"}, "index_type": index_type,
             "shard_size": int(cfg.build.shard_size), "skip_malformed": bool(cfg.build.skip_malformed)}
+  flat = None
+  if from_faiss:
+    flat = read_flat_index(from_faiss)
+    if flat.metric != "inner_product":
+      raise ValueError(f"{from_faiss}: a FAISS {flat.metric} index; the indexes here rank by inner product, so "
+                       "only an IndexFlatIP can be imported (its neighbours would differ otherwise)")
+    if flat.dim != encoder.dim:
+      raise ValueError(f"{from_faiss}: vectors of dimension {flat.dim}, but encoder {encoder.model_dir} gives "
+                       f"{encoder.dim}: the queries must be encoded by the model that encoded the passages")
+    if cfg.build.skip_malformed:
+      raise ValueError(f"{from_faiss}: skip_malformed would shift corpus lines against the index's rows")
+    wanted["from_faiss"] = {"path": flat.path, "fingerprint": file_fingerprint(flat.path)}
 
   manifest_path = os.path.join(out_dir, index_lib.MANIFEST)
   if os.path.isfile(manifest_path):  # already finished: accept only an identical request
@@ -128,11 +151,15 @@ def build_index(corpus_path: str, encoder: Encoder, out_dir: str, index_type: st
     _write_json_atomic(state_path, state)
 
   n, shard = len(offsets), int(cfg.build.shard_size)
+  if flat is not None and flat.ntotal != n:
+    raise ValueError(f"{from_faiss}: {flat.ntotal} vectors for the {n} passages of {corpus_path}: not the index "
+                     "of this corpus")
   shard_dir = os.path.join(out_dir, SHARDS)
   os.makedirs(shard_dir, exist_ok=True)
   shard_paths = [os.path.join(shard_dir, f"{k:06d}.npy") for k in range(-(-n // shard))]
   with contextlib.closing(Corpus(corpus_path, offsets)) as corpus:
-    if not _encode_shards(corpus, encoder, shard, shard_paths, stop_after_shards, progress):
+    if not _encode_shards(corpus, encoder, shard, shard_paths, stop_after_shards, progress,
+                          None if flat is None else flat.vectors):
       return None
   emb_path = os.path.join(out_dir, index_lib.EMBEDDINGS)
   _concatenate_shards(shard_paths, shard, n, encoder.dim, emb_path)

@@ -7,15 +7,21 @@ from typing import Protocol, runtime_checkable
 
 @dataclasses.dataclass(frozen=True)
 class Passage:
-  """One retrieved passage. `score` is the retriever's similarity (higher = closer)."""
+  """One retrieved passage. `score` is the retriever's similarity (higher = closer). `raw_contents`: the
+  corpus record's `contents` as read when it is not the canonical '"Title"\\ntext' (e.g. an unquoted title),
+  else None, so equal passages compare equal however they were read."""
   id: str
   title: str
   text: str
   score: float = 0.0
+  raw_contents: str | None = None
 
   @property
   def contents(self) -> str:
-    """The wiki-18 form: '"Title"\\ntext'."""
+    """The wiki-18 form: the record's own `contents` byte for byte when it had one (Search-R1 formats
+    observations from it, quotes or not), else '"Title"\\ntext'."""
+    if self.raw_contents is not None:
+      return self.raw_contents
     return f'"{self.title}"\n{self.text}'
 
   @classmethod
@@ -24,7 +30,9 @@ class Passage:
     title, _, text = contents.partition("\n")
     if len(title) >= 2 and title[0] == '"' and title[-1] == '"':
       title = title[1:-1]
-    return cls(id=str(id), title=title, text=text, score=score)
+    canonical = f'"{title}"\n{text}'
+    raw = None if contents == canonical else contents
+    return cls(id=str(id), title=title, text=text, score=score, raw_contents=raw)
 
 
 @runtime_checkable

@@ -4,7 +4,9 @@ POST /retrieve {"queries": [...], "topk": 3, "return_scores": true}
   -> {"result": [[{"document": {"id", "contents"}, "score"}, ...], ...]}
   (return_scores false or absent: each item is the document itself; topk absent or null: default_topk)
 GET /health -> {"status": "ok"}
-Bad requests get a 4xx JSON body {"error": message}; the server keeps serving.
+Bad requests (malformed JSON, nesting too deep, queries that are not valid Unicode text, limits) get a 4xx JSON
+body {"error": message}; the server keeps serving. Connections are accepted into a listen backlog of
+`backlog` and served by at most `workers` threads, so the hosts of a pod slice can call at once.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import logging
 import threading
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,11 +30,15 @@ class ServerLimits:
   max_queries: int = 1024
   max_query_chars: int = 4096
   max_body_bytes: int = 8 << 20
+  backlog: int = 256  # connections the OS queues before accept (the stdlib default is 5)
+  workers: int = 64  # requests served at once; more wait for a free worker
+  idle_timeout_s: float = 30.0  # a connection silent this long is closed (frees its worker)
 
   @classmethod
   def from_config(cls, block: Any) -> "ServerLimits":
     """`block` = the `server` block of configs/parts/retrieval.py."""
-    return cls(block.default_topk, block.max_topk, block.max_queries, block.max_query_chars, block.max_body_bytes)
+    return cls(block.default_topk, block.max_topk, block.max_queries, block.max_query_chars, block.max_body_bytes,
+               block.backlog, block.workers, block.idle_timeout_s)
 
 
 class RequestError(Exception):
@@ -47,6 +54,8 @@ def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str]
     req = json.loads(body)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RequestError(400, f"body is not valid JSON: {e}") from None
+  except RecursionError:
+    raise RequestError(400, "body is nested too deeply") from None
   if not isinstance(req, dict):
     raise RequestError(400, "body must be a JSON object with field 'queries'")
   queries = req.get("queries")
@@ -57,6 +66,10 @@ def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str]
   for i, q in enumerate(queries):
     if len(q) > limits.max_query_chars:
       raise RequestError(400, f"queries[{i}] has {len(q)} characters, the limit is {limits.max_query_chars}")
+    try:
+      q.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): JSON allows it, text encoders do not
+      raise RequestError(400, f"queries[{i}] is not valid Unicode text: {e.reason} at {e.start}") from None
   topk = req.get("topk")
   if topk is None:
     topk = limits.default_topk
@@ -148,8 +161,22 @@ class RetrievalServer(ThreadingHTTPServer):
 
   def __init__(self, retriever: Any, host: str = "127.0.0.1", port: int = 8000,
                limits: ServerLimits = ServerLimits()):
+    if limits.backlog < 1 or limits.workers < 1 or limits.idle_timeout_s <= 0:
+      raise ValueError(f"retrieval.server: backlog {limits.backlog} and workers {limits.workers} must be >= 1 and "
+                       f"idle_timeout_s {limits.idle_timeout_s} > 0")
     self.retriever, self.limits = retriever, limits
+    self.request_queue_size = limits.backlog  # read by listen() in server_activate
+    self._pool = futures.ThreadPoolExecutor(limits.workers, thread_name_prefix="retrieval-worker")
     super().__init__((host, port), _Handler)
+
+  def process_request(self, request, client_address):
+    """One pooled worker per connection (the stdlib starts an unbounded thread each)."""
+    request.settimeout(self.limits.idle_timeout_s)
+    self._pool.submit(self.process_request_thread, request, client_address)
+
+  def server_close(self):
+    super().server_close()
+    self._pool.shutdown(wait=False, cancel_futures=True)
 
   @property
   def url(self) -> str:

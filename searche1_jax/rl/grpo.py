@@ -15,6 +15,8 @@ import jax.numpy as jnp
 ESTIMATORS = ("grpo", "drgrpo", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+K3_MAX = 10.0  # nats: the k3 estimate's clamp (veRL's low_var_kl)
+LOG_RATIO_LIMIT = 20.0  # |log ratio| above which k3 is computed at this value (exp(20) is finite in float32)
 
 
 def _groups(rewards: jax.Array, group_size: int, fn: str) -> jax.Array:
@@ -65,7 +67,9 @@ def zero_std_group_fraction(rewards: jax.Array, group_size: int) -> jax.Array:
 def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k3") -> jax.Array:
   """Per-token estimate of KL(policy || reference) from tokens sampled by the policy (nats).
 
-  k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1 (low variance, >= 0).
+  k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1 (low variance, >= 0),
+  clamped to <= K3_MAX as veRL's low_var_kl does (Search-R1's numbers include it; a clamped token has no
+  gradient), with ref - logp clamped to +-LOG_RATIO_LIMIT first so exp cannot overflow.
   """
   if estimator not in KL_ESTIMATORS:
     raise ValueError(f"kl_penalty: kl_estimator={estimator!r}, expected one of {KL_ESTIMATORS}")
@@ -74,7 +78,8 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k
     return d
   if estimator == "k2":
     return 0.5 * d**2
-  return jnp.exp(-d) + d - 1.0
+  d = jnp.clip(d, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+  return jnp.minimum(jnp.exp(-d) + d - 1.0, K3_MAX)
 
 
 def row_denominators(mask: jax.Array, agg: str) -> jax.Array:
@@ -93,11 +98,13 @@ def row_denominators(mask: jax.Array, agg: str) -> jax.Array:
 def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                 clip_eps: float = 0.2, clip_eps_high: float | None = None, ref_logprobs: jax.Array | None = None,
                 kl_coef: float = 0.0, kl_estimator: str = "k3", agg: str = "token-mean",
-                entropy: jax.Array | None = None, importance_weights: jax.Array | None = None):
+                entropy: jax.Array | None = None, importance_weights: jax.Array | None = None,
+                dual_clip: float = 0.0, log_ratio_clamp: float = 0.0):
   """PPO clipped surrogate (veRL form) plus a KL-to-reference penalty, aggregated as (sum, denominator).
 
   Per masked token t of sequence b, with ratio = exp(logprobs - old_logprobs) and A = advantage:
     pg   = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high)) * importance_weight
+           (dual_clip c > 1, for A < 0 only: min(that max, -A * c), so a huge ratio cannot give a huge loss)
     loss = pg + kl_coef * KL_est(logprobs, ref_logprobs)                 (KL term only if ref_logprobs given)
 
   Args:
@@ -117,6 +124,9 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
     entropy: optional [B, T] per-token policy entropy (nats), only reported as a metric.
     importance_weights: optional [B, T] truncated-IS weights for sampler/trainer mismatch; multiply the per-token
       pg term under stop-gradient (they do not scale the KL term).
+    dual_clip: c > 1 bounds the loss of a negative-advantage token at -A * c (dual-clip PPO, veRL's
+      clip_ratio_c); 0 = off (Search-R1's veRL has no dual clip).
+    log_ratio_clamp: > 0 clamps logprobs - old_logprobs to +-this before exp (veRL: 20); 0 = off.
 
   Returns:
     (loss_sum, denominator, metrics): float32 scalars with loss = loss_sum / denominator; summing loss_sum and
@@ -126,7 +136,8 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
         'clip_low_count' (tokens with A < 0 and ratio < 1 - clip_eps: the clipped branch binds, zero gradient),
         'clip_high_count' (A > 0 and ratio > 1 + clip_eps_high), 'approx_kl_old_sum' (k3 estimate of
         KL(old || current) with old's samples: ratio - 1 - log ratio), 'kl_ref_sum' (the chosen kl_estimator;
-        0 without ref_logprobs), 'pg_loss_sum', 'adv_sum', 'adv_sq_sum' (advantage per masked token),
+        0 without ref_logprobs), 'dual_clip_count' (A < 0 tokens whose loss the dual clip bounds), 'pg_loss_sum',
+        'adv_sum', 'adv_sq_sum' (advantage per masked token),
         'entropy_sum' (0 without entropy);
       accumulate by MIN / MAX: 'ratio_min' (+inf if no token), 'ratio_max' (-inf if no token);
       per micro-batch convenience means (NOT additive; recompute from the sums): 'clip_frac_low',
@@ -146,6 +157,10 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
       raise ValueError(f"policy_loss: {name} has shape {arr.shape}, expected {shape} like logprobs")
   if advantages.shape not in ((shape[0],), shape):
     raise ValueError(f"policy_loss: advantages has shape {advantages.shape}, expected ({shape[0]},) or {shape}")
+  if dual_clip != 0 and not dual_clip > 1:
+    raise ValueError(f"policy_loss: dual_clip={dual_clip} must be 0 (off) or > 1")
+  if log_ratio_clamp < 0:
+    raise ValueError(f"policy_loss: log_ratio_clamp={log_ratio_clamp} must be 0 (off) or > 0")
   if ref_logprobs is None and isinstance(kl_coef, (int, float)) and kl_coef != 0:
     raise ValueError(f"policy_loss: kl_coef={kl_coef} but ref_logprobs is None; pass reference log-probs")
   hi = clip_eps if clip_eps_high is None else clip_eps_high
@@ -163,9 +178,15 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
   adv = jnp.where(valid, adv, 0.0)
 
   log_ratio = jnp.where(valid, logp - old, 0.0)
+  if log_ratio_clamp:
+    log_ratio = jnp.clip(log_ratio, -log_ratio_clamp, log_ratio_clamp)
   ratio = jnp.exp(log_ratio)
   clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + hi)
   pg = jnp.maximum(-adv * ratio, -adv * clipped)
+  dual = jnp.zeros(shape, bool)
+  if dual_clip:
+    dual = (adv < 0) & (pg > -adv * dual_clip)
+    pg = jnp.where(dual, -adv * dual_clip, pg)
   if importance_weights is not None:
     pg = pg * jnp.where(valid, jax.lax.stop_gradient(importance_weights.astype(f32)), 0.0)
   per_token = pg
@@ -205,6 +226,7 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Ar
       "clip_high_count": clip_high,
       "approx_kl_old_sum": approx_kl_old,
       "kl_ref_sum": kl_ref_sum,
+      "dual_clip_count": jnp.sum(m * dual),
       "pg_loss_sum": pg_sum,
       "adv_sum": adv_sum,
       "adv_sq_sum": adv_sq_sum,

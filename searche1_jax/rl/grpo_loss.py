@@ -43,6 +43,7 @@ class GRPOOptions:
   """The `grpo` config block's learner fields (configs/parts/grpo.py), declared once (searche1_jax/schema.py).
 
   clip_eps_high None in a block means a symmetric clip (= clip_eps). tis_cap 0 = no truncated importance weight.
+  dual_clip 0 / log_ratio_clamp 0 = off (grpo.policy_loss).
   """
   clip_eps: float = schema.option("float", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
   clip_eps_high: float = schema.option("float", lo=0.0, lo_open=True, none_ok=True)
@@ -54,6 +55,8 @@ class GRPOOptions:
   log_entropy: bool = schema.option("bool")
   old_logprobs: str = schema.option("str", choices=OLD_LOGPROBS_MODES)
   tis_cap: float = schema.option("float", lo=0.0)
+  dual_clip: float = schema.option("float", lo=0.0)
+  log_ratio_clamp: float = schema.option("float", lo=0.0)
   ref_logprobs: str = schema.option("str", choices=REF_MODES)
   ref_on_host: bool = schema.option("bool")
   num_microbatches: int = schema.option("int", lo=1)
@@ -74,6 +77,8 @@ class GRPOOptions:
   @classmethod
   def _cross_problems(cls, v: dict) -> list[tuple[str, str]]:
     out = []
+    if 0 < v["dual_clip"] <= 1:
+      out.append(("dual_clip", "must be 0 (off) or > 1 (veRL's clip_ratio_c: 3)"))
     if 0 < v["tis_cap"] < 1:
       out.append(("tis_cap", "must be 0 (off) or >= 1"))
     if v["tis_cap"] > 0 and v["old_logprobs"] != "recompute":
@@ -150,7 +155,7 @@ def grpo_loss_fn(cfg: qwen2.Qwen2Config, o: GRPOOptions) -> LossFn:
     loss_sum, denom, pm = grpo.policy_loss(
         logp, old, batch["advantages"], mask, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
         ref_logprobs=ref, kl_coef=o.kl_coef, kl_estimator=o.kl_estimator, agg=o.agg, entropy=entropy,
-        importance_weights=weights)
+        importance_weights=weights, dual_clip=o.dual_clip, log_ratio_clamp=o.log_ratio_clamp)
     if "denominator_extra" in batch:  # the denominator shares of rows left out of the batch (learner_rows)
       denom = denom + jnp.sum(batch["denominator_extra"].astype(jnp.float32))
     n = pm["tokens"]
@@ -162,6 +167,7 @@ def grpo_loss_fn(cfg: qwen2.Qwen2Config, o: GRPOOptions) -> LossFn:
         "approx_kl_old": (pm["approx_kl_old_sum"], n),
         "clip_frac_low": (pm["clip_low_count"], n),
         "clip_frac_high": (pm["clip_high_count"], n),
+        "dual_clip_frac": (pm["dual_clip_count"], n),
         "adv_mean": (pm["adv_sum"], n),
         "ratio_min": pm["ratio_min"],
         "ratio_max": pm["ratio_max"],

@@ -739,3 +739,17 @@ def on_policy_sd_fields(trajectories: Sequence[Trajectory], batch: Mapping[str, 
     t_pos[r, p_s - 1:n] = np.arange(p_s - 1, n) + shifts[r]
   return {"teacher_tokens": t_tokens, "teacher_attention_mask": t_att, "teacher_pos": t_pos,
           "distill_mask": dmask, "sd_weight": ofsd_loss.sd_weights(batch["loss_mask"], dmask, active, agg)}
+
+
+def minibatch_sd_weight(batch: Mapping[str, np.ndarray], rows: np.ndarray, agg: str) -> np.ndarray:
+  """sd_weight [len(rows)] for one update over `rows` of an on-policy GRPO batch (host arrays loss_mask,
+  distill_mask, sd_weight as on_policy_sd_fields gave them for the whole batch).
+
+  Each update divides its GRPO sum by its own rows' denominator, so the SD coefficient of that update is alpha
+  only if its sd_weight is N_grpo / N_sd over the same rows; the whole batch's weights would scale it by the
+  update's share of distilled tokens over its share of GRPO tokens.
+  """
+  rows = np.asarray(rows)
+  return ofsd_loss.sd_weights(np.asarray(batch["loss_mask"])[rows], np.asarray(batch["distill_mask"])[rows],
+                              np.asarray(batch["sd_weight"])[rows] > 0, agg)
+

@@ -217,6 +217,7 @@ class Program:
   flops: float
   hbm_bytes: float
   shapes: str
+  loop_steps: int = 0  # > 0: the program is a loop of this many identical steps (decode); hbm_bytes covers all
 
 
 def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
@@ -321,7 +322,7 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
         name, prog.decode, args, kwargs,
         flops=steps_ * forward_flops(cfg, rows, shapes.cache) / chips,
         hbm_bytes=steps_ * (n_params * p_bytes + cache_bytes / chips),
-        shapes=f"{rows} rows, cache {shapes.cache}, {steps_} steps"))
+        shapes=f"{rows} rows, cache {shapes.cache}, {steps_} steps", loop_steps=steps_))
   return out
 
 
@@ -498,6 +499,10 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
   """Lower and compile `program`; per-chip memory (bytes), fits, compile seconds, collectives, roofline estimate,
   and kernel_calls: the Pallas (Mosaic) kernel calls in the compiled HLO, e.g. splash attention's.
 
+  A loop program (decode: `loop_steps` > 0) also gets step_bytes_min, the minimal HBM bytes of one step (weights
+  + the whole cache bucket read once), and step_bytes_xla, XLA's cost analysis of the compiled program's bytes
+  accessed per chip, which counts a while loop's body once: one step's traffic, plus the little outside the loop.
+
   XLA's TPU compiler refuses a program whose buffers exceed HBM (RESOURCE_EXHAUSTED): the row then says
   fits=False with the bytes XLA reported needing (temp_bytes, or peak_bytes) and no collectives.
   """
@@ -522,6 +527,11 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
     row.update(args_bytes=args, output_bytes=out_b, temp_bytes=temp, alias_bytes=alias, peak_bytes=peak,
                compile_s=round(time.perf_counter() - t0, 2), collectives=collectives(text),
                kernel_calls=text.count('custom_call_target="tpu_custom_call"'))
+    if program.loop_steps:
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      row.update(step_bytes_min=program.hbm_bytes / program.loop_steps,
+                 step_bytes_xla=float((cost or {}).get("bytes accessed", float("nan"))))
   if chip is not None:
     peak = row["peak_bytes"]
     row.update(hbm_bytes=chip.hbm_bytes, headroom_bytes=chip.hbm_bytes - peak,

@@ -48,7 +48,7 @@ from searche1_jax.rl import grpo_loss, ofsd_loss, ofsd_phase
 from searche1_jax.train import checkpoint as checkpoint_lib
 from searche1_jax.train import evaluation
 from searche1_jax.train import metrics as metrics_lib
-from searche1_jax.train import ofsd_runner
+from searche1_jax.train import faults, ofsd_runner
 from searche1_jax.train import optim, steps
 
 RESULTS_JSON = "results.json"
@@ -262,33 +262,55 @@ class Trainer:
     return tree
 
   def _restore_or_init(self):
+    """The newest readable checkpoint's (cursor, state, ofsd_carry), or a fresh start when there is none. A newest
+    checkpoint that cannot be read (corrupt, or cut short by a kill mid-write) is skipped with a warning naming it;
+    if none can be read the error names the directory (starting over would overwrite the run's records)."""
     self.state = self._fresh_state()
-    latest = self.ckpt.latest_step()
-    if latest is None:
+    steps = sorted(self.ckpt.all_steps(), reverse=True)
+    if not steps:
       return Cursor(), self.state, None
-    meta = self.ckpt.restore_meta(latest)
+    errors = []
+    for step in steps:
+      try:
+        out = self._restore(step)
+      except Exception as e:  # noqa: BLE001  any unreadable checkpoint: try the one before
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        errors.append(f"checkpoint {step}: {reason}")
+        logging.warning("cannot restore checkpoint %d of %s (%s); trying the previous one", step,
+                        self.ckpt.directory, reason)
+        continue
+      logging.info("resumed from checkpoint %d: %s", step, out[0])
+      return out
+    raise RuntimeError(f"{self.ckpt.directory}: no checkpoint could be restored; move it aside to start over:\n"
+                       + "\n".join(errors))
+
+  def _restore(self, step: int):
+    meta = self.ckpt.restore_meta(step)
     cursor = Cursor(**meta["cursor"])
     ofsd_carry = None
     abstract = {"params": self.state.params, "opt_state": self.state.opt_state, "step": self.state.step}
-    if cursor.phase == "ofsd":
+    # A checkpoint written on entering the OFSD phase (before its buffer exists) has no OFSD subtree; checkpoints
+    # from before this flag was recorded always had one.
+    if cursor.phase == "ofsd" and meta.get("ofsd_buffer", True):
       ofsd_carry = self._ofsd_runner().empty_carry(self.state.params)
       abstract["ofsd"] = ofsd_carry.state_tree()
-    restored, meta, extra = self.ckpt.restore(latest, checkpoint_lib.abstract_like(abstract))
+    restored, meta, extra = self.ckpt.restore(step, checkpoint_lib.abstract_like(abstract))
     state = self.state.replace(params=restored["params"], opt_state=restored["opt_state"], step=restored["step"])
     if ofsd_carry is not None:
       ofsd_carry = ofsd_carry.restored(restored["ofsd"], extra)
-    logging.info("resumed from checkpoint %d: %s", latest, cursor)
     return cursor, state, ofsd_carry
 
   def save(self, force_meta: dict | None = None) -> None:
     self.cursor.metric_rows = self.metrics.rows
     meta = {"cursor": dataclasses.asdict(self.cursor), "model_config": dataclasses.asdict(self.model_cfg),
-            "hf_dir": self.hf_dir, "tokenizer_dir": self.tokenizer_dir, "policy_version": self.cursor.global_step}
+            "hf_dir": self.hf_dir, "tokenizer_dir": self.tokenizer_dir, "policy_version": self.cursor.global_step,
+            "ofsd_buffer": self.ofsd_carry is not None}
     meta.update(force_meta or {})
     extra = self.ofsd_carry.extra() if self.ofsd_carry is not None else None
     # The checkpoint id is the save counter: several saves can share a global step (phase boundaries).
     latest = self.ckpt.latest_step()
     self.ckpt.save(0 if latest is None else latest + 1, self._checkpoint_tree(), meta, extra)
+    faults.point("checkpoint_write")
 
   # --------------------------------------------------------------------------------------------- results
 
@@ -338,6 +360,7 @@ class Trainer:
     res = evaluation.evaluate(make, self.tokenizer, self.retriever, self.benchmarks, self.config.protocol,
                               self.config.rollout, workdir=out_dir if self.is_main else None,
                               policy_version=self.cursor.global_step, method=name, progress=self.is_main)
+    faults.point("eval")
     trajs = []
     traj_path = os.path.join(out_dir, evaluation.TRAJECTORIES_JSONL)
     if self.is_main and os.path.exists(traj_path):
@@ -380,6 +403,7 @@ class Trainer:
     res = self.rollouts(self.state.params, questions, group_size=self.group_size,
                         temperature=float(self.config.sampling.temperature), seed=seed)
     trajs = res.trajectories
+    faults.point("grpo_rollout")
     rewards = np.asarray([tr.reward or 0.0 for tr in trajs], np.float32)
     adv = np.asarray(grpo_math.group_advantages(jnp.asarray(rewards), self.group_size,
                                                 estimator=self.config.grpo.estimator,
@@ -399,6 +423,9 @@ class Trainer:
     n = len(rows)
     per_update = n * int(t.mini_batch_prompts) // int(t.prompts_per_step) if self.updates_per_step > 1 else n
     order = np.arange(n)
+    # On-policy SD over several updates: each update's sd_weight from its own rows (alpha exact per update).
+    sd_host = ({k: batch[k] for k in ("loss_mask", "distill_mask", "sd_weight")}
+               if self.on_policy is not None and per_update < n else None)
     step_metrics = []
     for epoch in range(int(t.ppo_epochs)):
       if epoch > 0:  # later PPO epochs see the rollout batch in a fresh (seeded) order
@@ -406,8 +433,11 @@ class Trainer:
       for start in range(0, n, per_update):
         idx = order[start:start + per_update]
         mb = prepared if len(idx) == n else {k: v[idx] for k, v in prepared.items()}
+        if sd_host is not None:
+          mb["sd_weight"] = jnp.asarray(ofsd_phase.minibatch_sd_weight(sd_host, idx, self.grpo.options.agg))
         self.state, m = self.grpo.train(self.state, mb)
         step_metrics.append(jax.device_get(m))
+        faults.point("grpo_update")
     self.timings["learner"] += time.perf_counter() - t0
     out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[-1]}
     out.update(rollout_summary(trajs, res.stats))
@@ -456,6 +486,7 @@ class Trainer:
     c = self.cursor
     o = self.config.ofsd
     if self.ofsd_carry is None:  # phase start: build the buffer from the round's snapshot
+      faults.point("ofsd_enter", settle=self.ckpt.wait)  # the phase's entry checkpoint is on disk
       t0 = time.perf_counter()
       questions = self.ofsd_stream.take(c.ofsd_position, int(o.questions_per_phase))
       res = self.rollouts(self.state.params, questions, group_size=int(o.group_size),
@@ -470,6 +501,7 @@ class Trainer:
       self.metrics.write(c.global_step, "ofsd_buffer", {"round": c.round, **self.ofsd_carry.buffer_metrics(),
                                                         **rollout_summary(res.trajectories, res.stats),
                                                         "time_ofsd_build_s": time.perf_counter() - t0})
+      faults.point("ofsd_targets")
       self.save()
     every = int(self.config.checkpoint.every_steps)
     total = self.ofsd_carry.num_steps()
@@ -479,6 +511,7 @@ class Trainer:
       self.state, m = runner.step(self.state, self.ofsd_carry, c.phase_step,
                                   seed=_seed(self.config, "ofsd-order", c.round))
       self.timings["ofsd_learner"] += time.perf_counter() - t0
+      faults.point("ofsd_update")
       c.global_step += 1
       c.phase_step += 1
       if c.global_step % int(self.config.logging.every_steps) == 0:

@@ -94,9 +94,12 @@ class PhaseRunner:
     self.epochs = opts.phase.epochs
 
   def empty_carry(self, params) -> PhaseCarry:
-    """A carry with the right structure and shardings (the restore target of a mid-phase checkpoint)."""
-    s = self.train.init_state(params, params if self.full else None)
-    return PhaseCarry(buffer=None, opt_state=s.opt_state, step=s.step, teacher=s.ref_params,
+    """A carry with the right structure and shardings (the restore target of a mid-phase checkpoint): a fresh
+    optimizer state and, in 'full' mode, the teacher's copy of params; no other model-sized buffer."""
+    opt_state = self.train.init_opt_state(params)
+    step = jax.device_put(np.zeros((), np.int32), shd.replicated(self.train.mesh))
+    teacher = steps.fresh_copy(params, self.train.param_shardings) if self.full else None
+    return PhaseCarry(buffer=None, opt_state=opt_state, step=step, teacher=teacher,
                       batch_size=self.batch_size, epochs=self.epochs)
 
   def start(self, params, trajectories, group_size: int, *, name: str = "phase") -> PhaseCarry:
