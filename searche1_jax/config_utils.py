@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 
 from searche1_jax import distributed, schema, sharding
+from searche1_jax.agent import actions
 from searche1_jax.agent import rollout as rollout_lib
 from searche1_jax.data import qa
 from searche1_jax.models import hf, qwen2
@@ -427,6 +428,7 @@ def _check_ofsd(c: _Checker) -> None:
 def _check_protocol(c: _Checker) -> None:
   c.number("protocol.max_turns", lo=0, integer=True)
   c.number("protocol.topk", lo=1, integer=True)
+  c.one_of("protocol.parse", actions.PARSE_MODES)
   for f in ("max_obs_length", "max_response_length", "max_start_length", "max_prompt_length"):
     c.number(f"protocol.{f}", lo=1, integer=True)
   if c.has("protocol.template") and "{question}" not in str(c.get("protocol.template")):

@@ -98,3 +98,24 @@ def f1(prediction: str | None, golden_answers: Golden) -> float:
 def em_reward(response_text: str, golden_answers: Golden) -> float:
   """Search-R1 reward: EM of the last complete `<answer>` in the response (0.0 if there is none)."""
   return float(exact_match(extract_answer(response_text), golden_answers))
+
+
+_SEARCH_R1_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def search_r1_em(prompt_text: str, response_text: str, golden_answers: Golden) -> float:
+  """A replica of Search-R1's training reward (`verl/utils/reward_score/qa_em.py`, `compute_score_em`, format
+  score 0) for re-scoring its trajectories; off the training path here (`em_reward` is the trainer's).
+
+  Search-R1 scores the decoded prompt + response (observations included): the last of the lazily matched
+  `<answer>...</answer>` there, stripped, by EM, and 0 unless there are at least two matches. Its base template
+  already holds two (`inside <answer> and </answer>` and the example `<answer> Beijing </answer>`), so a trajectory
+  that never answers is scored as answering 'Beijing', and an `<answer>` that a retrieved passage wrote counts like
+  the model's own.
+  """
+  if not isinstance(prompt_text, str) or not isinstance(response_text, str):
+    raise TypeError("search_r1_em: prompt_text and response_text must be str")
+  matches = list(_SEARCH_R1_ANSWER.finditer(prompt_text + response_text))
+  if len(matches) <= 1:
+    return 0.0
+  return float(exact_match(matches[-1].group(1).strip(), golden_answers))

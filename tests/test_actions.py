@@ -63,3 +63,41 @@ def test_end_offset_and_bad_arguments():
     parse_action("a", 0)
   with pytest.raises(TypeError, match="must be str"):
     parse_action(b"<search> q </search>", MAX)
+
+
+def search_r1_reference(text):
+  """Search-R1's postprocess_predictions (search_r1/llm_agent/generation.py), as its code reads: the first match
+  of <(search|answer)>(.*?)</\1> (DOTALL), content stripped; (None, '') without one."""
+  import re
+  m = re.search(r"<(search|answer)>(.*?)</\1>", text, re.DOTALL)
+  return (m.group(1), m.group(2).strip()) if m else (None, "")
+
+
+@pytest.mark.parametrize("text", [
+    "<search> </search>",  # an empty query: Search-R1 searches ''
+    "<search> q <answer> x </answer> </search>",  # an answer inside a search is part of the query
+    "<search> a <search> b </search>",  # nested: the leftmost opening tag's lazy match
+    "<answer> a <search> q </search>",  # an unclosed answer before a search
+    "<answer> x </answer> more text </search>",  # text after </answer> before </search>
+    "<answer> early </answer> <search> late </search>",
+    "<search> first </search> <answer> later </answer>",
+    "<answer>\n multi\nline </answer>",
+    "no tags at all",
+    "q </search>",
+])
+def test_search_r1_mode_parses_as_search_r1_does(text):
+  a = parse_action(text, MAX, mode="search_r1")
+  kind, content = search_r1_reference(text)
+  assert (a.kind, a.content) == ({None: INVALID}.get(kind, kind), content)
+
+
+def test_modes_differ_only_on_the_edge_cases():
+  assert parse_action("<search> </search>", MAX, mode="strict").kind == INVALID
+  assert parse_action("<search> q <answer> x </answer> </search>", MAX, mode="strict").kind == ANSWER
+  assert parse_action("<search> a <search> b </search>", MAX, mode="strict").content == "b"
+  for text in ("<search> q </search>", "<answer> a </answer>", "<think> x </think> <search> y </search>"):
+    assert parse_action(text, MAX, mode="strict") == parse_action(text, MAX, mode="search_r1")
+  long = parse_action("<search> " + "w" * 150 + " </search>", MAX, mode="search_r1")
+  assert long.truncated and len(long.content) == MAX
+  with pytest.raises(ValueError, match="protocol.parse='loose'"):
+    parse_action("x", MAX, mode="loose")

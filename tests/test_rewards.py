@@ -2,6 +2,7 @@
 import pytest
 
 from searche1_jax import rewards
+from searche1_jax.agent import protocol
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -80,3 +81,22 @@ def test_em_reward():
   assert rewards.em_reward("<answer> Paris", ["Paris"]) == 0.0  # no complete answer
   assert rewards.em_reward("<answer>Lyon</answer><answer>Paris</answer>", "Paris") == 1.0
   assert rewards.em_reward("<answer>Paris</answer><answer>Lyon</answer>", "Paris") == 0.0
+
+
+def test_search_r1_em_replica():
+  """Search-R1's reward over prompt + response needs two answer matches (its template holds one example)."""
+  prompt = protocol.make_prompt("What is the capital of France")
+  assert "<answer> Beijing </answer>" in prompt
+  assert rewards.search_r1_em(prompt, "<think> x </think> <answer> Paris </answer>", ["Paris"]) == 1.0
+  assert rewards.search_r1_em(prompt, "<answer> Lyon </answer>", ["Paris"]) == 0.0
+  # No answer in the response: the template's two matches (' and ', then the example) score 'Beijing'.
+  assert rewards.search_r1_em(prompt, "<search> q </search>", ["Beijing"]) == 1.0
+  assert rewards.search_r1_em(prompt, "<search> q </search>", ["Paris"]) == 0.0
+  assert rewards.em_reward("<search> q </search>", ["Beijing"]) == 0.0  # the trainer's reward reads the response
+  # An <answer> inside a retrieved passage counts as if the model wrote it.
+  obs = "<information>Doc 1(Title: x) it said <answer> Rome </answer></information>"
+  assert rewards.search_r1_em(prompt, "<search> q </search>" + obs, ["Rome"]) == 1.0
+  # The last match counts, lazily matched.
+  assert rewards.search_r1_em(prompt, "<answer> a </answer> <answer> Paris </answer>", "paris") == 1.0
+  # Without the template's example a single answer is not enough.
+  assert rewards.search_r1_em("Question: ?", "<answer> Paris </answer>", ["Paris"]) == 0.0

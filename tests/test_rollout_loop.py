@@ -375,3 +375,29 @@ def test_continuous_schedule_gives_the_sync_trajectories(tok, slots):
   assert 0 < cont.stats.occupancy <= 1 and 0 < sync.stats.occupancy <= 1
   if slots:  # no barrier between turns and waves: fewer chunks for the same work
     assert cont.stats.decode_chunks < sync.stats.decode_chunks
+
+
+@pytest.mark.parametrize("parse", ["search_r1", "strict"])
+def test_protocol_parse_mode_decides_the_edge_cases(tok, parse):
+  """protocol.parse='search_r1' (default) searches an empty query '' and reads an <answer> inside a <search> as
+  part of the query, as Search-R1 does; 'strict' calls the first an invalid turn and the second an answer."""
+  p_cfg, r_cfg = configs()
+  assert p_cfg.parse == "search_r1"
+  p_cfg.parse = parse
+  scripts = [["<search> </search>", "<answer> Paris </answer>"],
+             ["<search> q <answer> x </answer> </search>", "<answer> Paris </answer>"]]
+  retriever = ScriptedRetriever()
+  res = rollout.run_rollouts(scripted_factory(tok, scripts), tok, retriever, [QUESTION, dict(QUESTION, id="q2")],
+                             p_cfg, r_cfg)
+  empty, inner = res.trajectories
+  if parse == "search_r1":
+    assert retriever.calls == [(["", "q <answer> x </answer>"], 3)]
+    assert empty.turn_actions == inner.turn_actions == ["search", "answer"]
+    assert empty.answer == inner.answer == "Paris"
+  else:
+    assert retriever.calls == []
+    assert empty.turn_actions == ["invalid", "answer"] and inner.turn_actions == ["answer"]
+    assert inner.answer == "x"
+  p_cfg.parse = "loose"
+  with pytest.raises(ValueError, match="protocol.parse"):
+    rollout.run_rollouts(scripted_factory(tok, scripts), tok, retriever, [QUESTION], p_cfg, r_cfg)

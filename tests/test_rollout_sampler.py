@@ -48,6 +48,7 @@ def _recording_factory(params, made, options=None, **kw):
 
 def test_chain_model_search_then_answer(tok):
   chain, a, b = search_answer_chain(tok)
+  chain[tok.convert_tokens_to_ids(protocol.ANSWER_CLOSE)] = tok.eos_token_id  # the answer turn ends with EOS
   params = chain_params(CFG, chain)
   passages = [FakePassage("p1", "Velora", "Velora is a city."), FakePassage("p2", "Marisk", "A country.")]
   retriever = ScriptedRetriever({tok.decode([a]): passages})
@@ -66,10 +67,13 @@ def test_chain_model_search_then_answer(tok):
     assert t.response_ids.tolist() == want
     assert t.policy_mask[p:].tolist() == [1, 1, 1] + [0] * len(enc(tok, obs)) + [1, 1, 1]
     assert t.answer == tok.decode([b]) and t.stop_reason == "answer" and t.num_searches == 1
-    # The trajectory is exactly what the sampler holds.
-    assert sess.tokens(i) == t.ids.tolist()
-    np.testing.assert_array_equal(sess.policy_mask(i), t.policy_mask)
-    np.testing.assert_array_equal(sess.logprobs(i), t.logprobs)
+    # The trajectory is what the sampler holds, up to the answer's closing tag: protocol.parse='search_r1' decodes
+    # a final turn past '</answer>' (Search-R1 stops only at '</search>') and cuts the turn there.
+    held = sess.tokens(i)
+    assert held[:len(t.ids)] == t.ids.tolist() and len(held) > len(t.ids)
+    np.testing.assert_array_equal(sess.policy_mask(i)[:len(t.ids)], t.policy_mask)
+    np.testing.assert_array_equal(sess.logprobs(i)[:len(t.ids)], t.logprobs)
+    assert held[len(t.ids):] == [tok.eos_token_id]
   assert sess.finished.all()
   assert res.stats.decode_s > 0 and res.stats.retrieval_calls == 1
 

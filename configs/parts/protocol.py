@@ -18,7 +18,13 @@ def get() -> ml_collections.ConfigDict:
   c.search_open, c.search_close = protocol.SEARCH_OPEN, protocol.SEARCH_CLOSE
   c.information_open, c.information_close = protocol.INFORMATION_OPEN, protocol.INFORMATION_CLOSE
   c.answer_open, c.answer_close = protocol.ANSWER_OPEN, protocol.ANSWER_CLOSE
-  # A turn stops at the first of these strings (else EOS or max_response_length).
+  # How a turn's text becomes its action (searche1_jax/agent/actions.py): 'search_r1' = Search-R1's rule (the
+  # leftmost <search>/<answer> tag up to its own closing tag: an empty query searches '', an <answer> inside a
+  # <search> is part of the query), which its published numbers come from; 'strict' = the pair that closes first,
+  # an empty query is invalid.
+  c.parse = "search_r1"
+  # A turn stops at the first of these strings (else EOS or max_response_length); with parse='search_r1' the
+  # answer's closing tag does not stop decoding, the turn is cut after it (as Search-R1 cuts its text).
   c.stop_strings = protocol.STOP_STRINGS
   # Observation appended when a turn holds neither a search nor an answer.
   c.invalid_action_message = protocol.INVALID_ACTION_MESSAGE

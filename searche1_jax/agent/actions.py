@@ -1,7 +1,14 @@
 """Parse one turn's decoded response text into the agent's action: search, answer, or invalid.
 
-Pure string functions. The rules follow how a turn is generated (docs/design.md): decoding stops at the first
-`</search>`, else at the first `</answer>`, so the action of a turn is the complete tag pair that CLOSES first:
+Pure string functions, two rule sets (`protocol.parse`; the rollout's default is 'search_r1'):
+
+'search_r1': Search-R1's own rule (`search_r1/llm_agent/generation.py`, `postprocess_predictions`): the
+leftmost `<search>` or `<answer>` opening tag and the lazily matched text up to ITS closing tag, stripped. So an
+empty `<search> </search>` searches '', an `<answer>` inside a `<search>` is part of the query, and with nested
+tags the outer (leftmost) one counts. Published Search-R1 numbers come from this rule.
+
+'strict': the complete tag pair that CLOSES first, as decoding stops at the first `</search>`, else at the first
+`</answer>`:
 
 - search: the first complete `<search> q </search>`; the query is stripped and cut to `max_query_chars`
   characters. With nested opening tags the innermost complete pair counts (`<search> a <search> b </search>` ->
@@ -11,8 +18,7 @@ Pure string functions. The rules follow how a turn is generated (docs/design.md)
 - invalid: neither (an answer without tags, an unclosed `<search>` / `<answer>`, an empty query). `Action.reason`
   says why, for logs and the trajectory inspector.
 
-Search-R1 (`search_r1/llm_agent/generation.py`, `postprocess_predictions`) takes the first `<(search|answer)>` pair
-with a lazy regex; for text the sampler can produce (ending at the first closing tag) both agree.
+On text without such edge cases (one tag pair ending the turn) both rules agree.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ SEARCH = "search"
 ANSWER = "answer"
 INVALID = "invalid"
 KINDS = (SEARCH, ANSWER, INVALID)
+PARSE_MODES = ("search_r1", "strict")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,37 +60,19 @@ def _innermost_pair(open_tag: str, close_tag: str) -> re.Pattern:
 
 _SEARCH_RE = _innermost_pair(protocol.SEARCH_OPEN, protocol.SEARCH_CLOSE)
 _ANSWER_RE = _innermost_pair(protocol.ANSWER_OPEN, protocol.ANSWER_CLOSE)
+# Search-R1: r'<(search|answer)>(.*?)</\1>' with re.DOTALL, first match.
+_LEFTMOST_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+assert (protocol.SEARCH_OPEN, protocol.ANSWER_OPEN) == ("<search>", "<answer>")
 
 
-def parse_action(text: str, max_query_chars: int) -> Action:
-  """Parses one turn's response text (only this turn's policy text, never the prompt or observations).
+def _query(query: str, max_query_chars: int, end: int) -> Action:
+  truncated = len(query) > max_query_chars
+  if truncated:
+    query = query[:max_query_chars].rstrip()
+  return Action(SEARCH, content=query, truncated=truncated, end=end)
 
-  Args:
-    text: the decoded tokens the policy produced in this turn.
-    max_query_chars: queries longer than this many characters (after stripping) are cut to it; >= 1.
-  Returns:
-    An `Action`.
-  """
-  if not isinstance(text, str):
-    raise TypeError(f"parse_action: text must be str, got {type(text).__name__}")
-  if max_query_chars < 1:
-    raise ValueError(f"parse_action: max_query_chars must be >= 1, got {max_query_chars}")
-  search = _SEARCH_RE.search(text)
-  first_answer = _ANSWER_RE.search(text)
-  if search is not None and (first_answer is None or search.end() <= first_answer.end()):
-    query = search.group(1).strip()
-    if not query:
-      return Action(INVALID, reason="empty search query", end=-1)
-    truncated = len(query) > max_query_chars
-    if truncated:
-      query = query[:max_query_chars].rstrip()
-    return Action(SEARCH, content=query, truncated=truncated, end=search.end())
-  if first_answer is not None:
-    last = None
-    for last in _ANSWER_RE.finditer(text):
-      pass
-    answer = rewards.extract_answer(text)
-    return Action(ANSWER, content=answer, end=last.end())
+
+def _invalid(text: str) -> Action:
   if protocol.SEARCH_OPEN in text:
     reason = f"unclosed {protocol.SEARCH_OPEN}"
   elif protocol.ANSWER_OPEN in text:
@@ -91,3 +80,42 @@ def parse_action(text: str, max_query_chars: int) -> Action:
   else:
     reason = f"no {protocol.SEARCH_OPEN} or {protocol.ANSWER_OPEN} tag"
   return Action(INVALID, reason=reason)
+
+
+def parse_action(text: str, max_query_chars: int, mode: str = "strict") -> Action:
+  """Parses one turn's response text (only this turn's policy text, never the prompt or observations).
+
+  Args:
+    text: the decoded tokens the policy produced in this turn.
+    max_query_chars: queries longer than this many characters (after stripping) are cut to it; >= 1.
+    mode: 'search_r1' | 'strict' (module docstring).
+  Returns:
+    An `Action`.
+  """
+  if not isinstance(text, str):
+    raise TypeError(f"parse_action: text must be str, got {type(text).__name__}")
+  if max_query_chars < 1:
+    raise ValueError(f"parse_action: max_query_chars must be >= 1, got {max_query_chars}")
+  if mode not in PARSE_MODES:
+    raise ValueError(f"parse_action: protocol.parse={mode!r}, expected one of {PARSE_MODES}")
+  if mode == "search_r1":
+    m = _LEFTMOST_RE.search(text)
+    if m is None:
+      return _invalid(text)
+    if m.group(1) == ANSWER:
+      return Action(ANSWER, content=m.group(2).strip(), end=m.end())
+    return _query(m.group(2).strip(), max_query_chars, m.end())
+  search = _SEARCH_RE.search(text)
+  first_answer = _ANSWER_RE.search(text)
+  if search is not None and (first_answer is None or search.end() <= first_answer.end()):
+    query = search.group(1).strip()
+    if not query:
+      return Action(INVALID, reason="empty search query", end=-1)
+    return _query(query, max_query_chars, search.end())
+  if first_answer is not None:
+    last = None
+    for last in _ANSWER_RE.finditer(text):
+      pass
+    answer = rewards.extract_answer(text)
+    return Action(ANSWER, content=answer, end=last.end())
+  return _invalid(text)

@@ -209,12 +209,14 @@ class _Cfg:
   max_total: int
   template: str
   max_query_chars: int
+  parse: str  # protocol.parse: actions.PARSE_MODES
   keep_quotes: bool
   strip_docs: bool
   schedule: str
   slots: int  # work items decoding at once (sync: a wave)
   exit_stopped: int  # continuous: a decode chunk ends once this many turns ended in it
   stop_automaton: Any
+  answer_cut: Any  # parse 'search_r1': automaton of the answer's closing tag (the turn is cut after it), else None
   invalid_ids: list
   error_ids: list
   rollout_cfg: Any
@@ -240,17 +242,27 @@ class _Cfg:
     refill = float(_cfg_value(rollout_cfg, "refill_fraction", "rollout"))
     if not 0 < refill <= 1:
       raise ValueError(f"rollout.refill_fraction must be in (0, 1], got {refill!r}")
+    parse = str(_cfg_value(protocol_cfg, "parse", "protocol"))
+    if parse not in actions.PARSE_MODES:
+      raise ValueError(f"protocol.parse must be one of {actions.PARSE_MODES}, got {parse!r}")
+    # Search-R1 generates a turn without stop strings and keeps it up to the first '</search>', else up to the first
+    # '</answer>': so 'search_r1' decodes up to '</search>' only, and a turn without one is cut after its first
+    # '</answer>' (parse_action then reads what Search-R1 reads, e.g. an <answer> inside a <search>).
+    decode_stops = list(_cfg_value(protocol_cfg, "stop_strings", "protocol"))
+    cut = parse == "search_r1" and protocol.ANSWER_CLOSE in decode_stops
+    if cut:
+      decode_stops.remove(protocol.ANSWER_CLOSE)
     invalid_msg = _cfg_value(protocol_cfg, "invalid_action_message", "protocol")
     error_msg = _cfg_value(rollout_cfg, "retrieval_error_message", "rollout")
     return cls(
         **v, template=_cfg_value(protocol_cfg, "template", "protocol"),
-        max_query_chars=int(_cfg_value(rollout_cfg, "max_query_chars", "rollout")),
+        max_query_chars=int(_cfg_value(rollout_cfg, "max_query_chars", "rollout")), parse=parse,
         keep_quotes=bool(_cfg_value(protocol_cfg, "obs_keep_title_quotes", "protocol")),
         strip_docs=bool(_cfg_value(protocol_cfg, "obs_strip_docs", "protocol")), schedule=schedule, slots=slots,
         exit_stopped=max(1, math.ceil(refill * min(slots, n))),
         # A turn ends on the token whose text completes a stop string, however the model tokenized it.
-        stop_automaton=sampling.stops.for_tokenizer(tokenizer,
-                                                    list(_cfg_value(protocol_cfg, "stop_strings", "protocol"))),
+        stop_automaton=sampling.stops.for_tokenizer(tokenizer, decode_stops),
+        answer_cut=sampling.stops.for_tokenizer(tokenizer, [protocol.ANSWER_CLOSE]) if cut else None,
         invalid_ids=list(tokenizer.encode(invalid_msg, add_special_tokens=False)),
         error_ids=list(tokenizer.encode(error_msg, add_special_tokens=False))[:v["max_obs"]],
         rollout_cfg=rollout_cfg)
@@ -355,15 +367,31 @@ class _Loop:
 
   # -- the protocol side
 
+  def _cut_after_answer(self, toks: list, lps: list) -> tuple[list, list]:
+    """parse 'search_r1': a turn without '</search>' ends at the token completing its first '</answer>', when the
+    text up to there is an answer (the rest was decoded, but the trajectory ends with the answer; a stray
+    '</answer>' that makes no answer keeps the whole turn, which the session holds)."""
+    cut = self.cfg.answer_cut
+    if cut is None or self.cfg.stop_automaton.first_stop(toks) is not None:
+      return toks, lps
+    k = cut.first_stop(toks)
+    if k is None or k + 1 == len(toks):
+      return toks, lps
+    text = _decode_text(self.tok, toks[:k + 1])
+    if actions.parse_action(text, self.cfg.max_query_chars, self.cfg.parse).kind != actions.ANSWER:
+      return toks, lps
+    return toks[:k + 1], lps[:k + 1]
+
   def end_turn(self, i: int) -> str:
     """Parse work item i's finished turn into its trajectory. Returns 'done', 'search' (its query is
     states[i].queries[-1]) or 'invalid'."""
     cfg, st = self.cfg, self.states[i]
     toks, lps = self.turn_toks.pop(i), self.turn_lps.pop(i)
+    toks, lps = self._cut_after_answer(toks, lps)
     room = cfg.max_total - len(st.ids)
     hit_total = len(toks) >= room
     st.add_policy(toks[:room], lps[:room])
-    action = actions.parse_action(_decode_text(self.tok, toks[:room]), cfg.max_query_chars)
+    action = actions.parse_action(_decode_text(self.tok, toks[:room]), cfg.max_query_chars, cfg.parse)
     st.turn_actions.append(action.kind)
     self.stats.num_turns += 1
     if action.kind == actions.INVALID:
