@@ -40,6 +40,8 @@ OVERRIDES = [
     "--config.model.intermediate_size=128", "--config.model.num_layers=2", "--config.model.num_heads=4",
     "--config.model.num_kv_heads=2", "--config.protocol.max_response_length=32",
     "--config.ofsd.questions_per_phase=8", "--config.ofsd.group_size=4", "--config.ofsd.rollout_temperature=0.3",
+    # One evaluation, at the round's end (the 'eval' kill point's): the others would only repeat it in every life.
+    "--config.train.eval_at_start=False", "--config.train.eval_after_grpo=False",
 ]
 # Wall-clock measurements differ between runs; everything else must be identical.
 TIMING_KEYS = ("time_", "timings")
@@ -178,11 +180,10 @@ def test_sigkill_at_every_kill_point_resumes_identically(cache, tmp_path):
 
 # ----------------------------------------------------------------------------------------- pod rehearsal
 
-# The same run on 8 CPU devices (fsdp 8) with two GRPO steps, batches every data-parallel shard divides, evaluated
-# once at the end (evaluation is the same program in every life; compiling it in each would only cost time).
+# The same run on 8 CPU devices (fsdp 8) with two GRPO steps and batches every data-parallel shard divides.
 POD = ["--config.mesh.fsdp=8", "--config.train.grpo_steps_per_round=2", "--config.train.prompts_per_step=4",
        "--config.train.mini_batch_prompts=4",
-       "--config.ofsd.batch_size=8", "--config.train.eval_at_start=False", "--config.train.eval_after_grpo=False"]
+       "--config.ofsd.batch_size=8"]
 
 
 def _pod_env(cache, devices):
