@@ -55,7 +55,7 @@ def run_workload(params, model_cfg, questions, config, tokenizer, eos_ids, retri
   """`retriever` has no memo: each rollout gets a fresh one of retrieval.cache_size, so no run replays the
   searches of an earlier one."""
   seed = 1234
-  calls, hits = {}, {}
+  calls = {}  # schedule -> [(RolloutResult, memo hits)]
   cache_size = int(config.retrieval.get("cache_size", 0))
 
   def once(schedule):
@@ -66,8 +66,7 @@ def run_workload(params, model_cfg, questions, config, tokenizer, eos_ids, retri
                                            top_k=int(s.top_k), eos_ids=eos_ids, seed=seed)
     fresh = CachingRetriever(retriever, cache_size) if cache_size else retriever
     res = rollout.run_rollouts(make, tokenizer, fresh, questions, config.protocol, r_cfg, group_size=GROUP)
-    hits[id(res)] = fresh.hits if cache_size else 0
-    calls.setdefault(schedule, []).append(res)
+    calls.setdefault(schedule, []).append((res, fresh.hits if cache_size else 0))
     print(f"  {schedule}: {res.stats.total_s:.2f}s for {res.stats.num_trajectories} trajectories", file=sys.stderr)
     return res
 
@@ -79,7 +78,7 @@ def run_workload(params, model_cfg, questions, config, tokenizer, eos_ids, retri
       once(schedule)
   out = {}
   for schedule, results in calls.items():
-    best = min(results, key=lambda r: r.stats.total_s)
+    best, best_hits = min(results, key=lambda rh: rh[0].stats.total_s)
     st = best.stats
     out[schedule] = {
         "traj_per_s": round(st.num_trajectories / st.total_s, 2),
@@ -89,9 +88,9 @@ def run_workload(params, model_cfg, questions, config, tokenizer, eos_ids, retri
         "occupancy": round(st.occupancy, 4),
         "wall_s": round(st.total_s, 3), "decode_s": round(st.decode_s, 3), "extend_s": round(st.extend_s, 3),
         "admit_s": round(st.session_s, 3), "decode_chunks": st.decode_chunks, "retrieval_calls": st.retrieval_calls,
-        "retrieval_cache_hits": hits[id(best)], "all_wall_s": [round(r.stats.total_s, 3) for r in results],
+        "retrieval_cache_hits": best_hits, "all_wall_s": [round(r.stats.total_s, 3) for r, _ in results],
     }
-  sync, cont = calls["sync"][0].trajectories, calls["continuous"][0].trajectories
+  sync, cont = calls["sync"][0][0].trajectories, calls["continuous"][0][0].trajectories
   out["speedup"] = round(out["continuous"]["traj_per_s"] / out["sync"]["traj_per_s"], 3)
   out["same_trajectories"] = _same(sync, cont)
   out["trajectories"] = len(sync)

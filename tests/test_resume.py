@@ -160,7 +160,8 @@ def test_sigkill_at_every_kill_point_resumes_identically(cache, tmp_path):
       ("ofsd_targets", lambda: "ofsd" not in phases()),  # buffer and targets built, not checkpointed
       ("ofsd_update:2", lambda: phases().count("ofsd") == 1),  # between two student updates
       ("eval", lambda: "ofsd_end" in phases()),  # the round's evaluation ran, its results are not written
-      ("checkpoint_write:1", lambda: True),  # the evaluation's checkpoint is being written (a partial directory)
+      # The evaluation's results are written, its checkpoint is being written (a partial directory).
+      ("checkpoint_write:1", lambda: len(_results(work)) == len(_results(ref_dir))),
   ]
   for point, check in lives:
     log = _run_killed_at(cmd, env, point)

@@ -30,6 +30,13 @@ REASONS = (None, "eos", "stop_sequence", "length", "cache_full")
 _EOS, _STOP, _LENGTH, _FULL = 1, 2, 3, 4
 
 
+def _hidden_after(hidden, counts, previous):
+  """Each row's last hidden state after an extend: hidden [R, T, D] at its last taken token (counts [R]), or
+  `previous` [R, D] for a row that took none."""
+  h_last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
+  return jnp.where((counts > 0)[:, None], h_last.astype(previous.dtype), previous)
+
+
 class Programs:
   """Jitted sampler programs for one model config on one mesh (or a single device when mesh is None)."""
 
@@ -85,10 +92,7 @@ class Programs:
     # Decode stays unconstrained: one token per row, so partial sums are the smaller thing to move.
     with sharding.activation_mesh(self.mesh, self.rules):
       hidden, cache = qwen2.forward_with_cache(params, self.cfg, tokens, cache, starts.astype(jnp.int32), fresh)
-    last = jnp.maximum(counts - 1, 0)
-    h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    last_hidden = jnp.where((counts > 0)[:, None], h_last.astype(last_hidden.dtype), last_hidden)
-    return self._constrain_state(cache, last_hidden)
+    return self._constrain_state(cache, _hidden_after(hidden, counts, last_hidden))
 
   def _extend_rows(self, params, cache, last_hidden, rows, tokens, starts, counts, fresh: bool = False):
     """`_extend` for a few rows of a large batch, at the cost of those rows: rows [R] (indices into the batch;
@@ -102,9 +106,7 @@ class Programs:
                                            starts.astype(jnp.int32), fresh)
     cache = qwen2.KVCache(tuple(k.at[rows].set(x, mode="drop") for k, x in zip(cache.k, sub.k)),
                           tuple(v.at[rows].set(x, mode="drop") for v, x in zip(cache.v, sub.v)))
-    h_last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
-    h_last = jnp.where((counts > 0)[:, None], h_last.astype(last_hidden.dtype), last_hidden[safe])
-    return cache, last_hidden.at[rows].set(h_last, mode="drop")
+    return cache, last_hidden.at[rows].set(_hidden_after(hidden, counts, last_hidden[safe]), mode="drop")
 
   def _decode(self, params, cache, last_hidden, lengths, seq_ids, active, budget, stop_state, stop_table, eos_ids,
               max_len, seed, temperature, top_p, exit_stopped, *, greedy: bool, top_k: int, use_top_p: bool,
@@ -180,7 +182,6 @@ class Programs:
     k_slots, v_slots = qwen2.CACHE_K_AXES.index("length"), qwen2.CACHE_V_AXES.index("length")
     new_cache = qwen2.KVCache(tuple(move(k, k_slots) for k in cache.k), tuple(move(v, v_slots) for v in cache.v))
     return self._constrain_state(new_cache, jnp.where(keep[:, None], last_hidden[safe], 0))
-
 
   def _copy_rows(self, cache, last_hidden, src, dst):
     """Row dst[r] becomes a copy of row src[r] (cache and hidden state), in place; dst = B entries are dropped."""

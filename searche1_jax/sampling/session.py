@@ -480,31 +480,27 @@ class Session:
       t_len = bucket(max(len(c) for c in chunks.values()), opts.length_buckets, opts.min_length,
                      "sampling.length_buckets")
       fresh = all(self._lengths[i] == 0 for i in chunks)  # a prefill: nothing in the cache to attend
+      # The extended rows, packed [R] (R = their batch bucket; padding entries name row B and are dropped).
       n_rows = self._batch_bucket(len(chunks))
+      rows = np.full(n_rows, self._batch, np.int32)
+      tokens = np.full((n_rows, t_len), opts.pad_id, np.int32)
+      starts = np.full(n_rows, self._cache_len, np.int32)  # a padding row writes off the end (dropped)
+      counts = np.zeros(n_rows, np.int32)
+      for k, (i, c) in enumerate(chunks.items()):
+        rows[k], tokens[k, :len(c)], starts[k], counts[k] = self._row[i], c, self._lengths[i], len(c)
       if self.mesh is None and n_rows < self._batch:
         # A few rows of a larger batch (observations, admitted prompts): compute only theirs.
-        rows = np.full(n_rows, self._batch, np.int32)  # padding entries: dropped
-        rows[:len(chunks)] = [self._row[i] for i in chunks]
-        tokens = np.full((n_rows, t_len), opts.pad_id, np.int32)
-        starts = np.zeros(n_rows, np.int32)
-        counts = np.zeros(n_rows, np.int32)
-        for k, (i, c) in enumerate(chunks.items()):
-          tokens[k, :len(c)], starts[k], counts[k] = c, self._lengths[i], len(c)
         self._cache, self._last_hidden = self._prog.extend_rows(self._params, self._cache, self._last_hidden, rows,
                                                                 tokens, starts, counts, fresh=fresh)
         self.stats["sub_batch_extends"] += 1
-      else:
+      else:  # the whole batch: the packed rows scattered to their places (row B, the padding's, is cut off)
         b = self._batch
-        tokens = np.full((b, t_len), opts.pad_id, np.int32)
-        starts = np.full(b, self._cache_len, np.int32)  # rows not extended write off the end (dropped)
-        counts = np.zeros(b, np.int32)
-        for i, c in chunks.items():
-          r = self._row[i]
-          tokens[r, :len(c)] = c
-          starts[r] = self._lengths[i]
-          counts[r] = len(c)
-        self._cache, self._last_hidden = self._prog.extend(self._params, self._cache, self._last_hidden, tokens,
-                                                           starts, counts, fresh=fresh)
+        whole = [np.full((b + 1,) + x.shape[1:], fill, x.dtype)
+                 for x, fill in ((tokens, opts.pad_id), (starts, self._cache_len), (counts, 0))]
+        for out, x in zip(whole, (tokens, starts, counts)):
+          out[rows] = x
+        self._cache, self._last_hidden = self._prog.extend(self._params, self._cache, self._last_hidden,
+                                                           *(x[:b] for x in whole), fresh=fresh)
       self.stats["extend_calls"] += 1
       for i, c in chunks.items():
         self._tokens[i] += c
