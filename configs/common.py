@@ -92,7 +92,9 @@ RESUME_MAY_CHANGE = (
     # The attention implementation (results agree to float rounding) and its blocking: speed and memory only.
     "model.attention", "model.attention_block",
     # Learner memory layout (LEARNER): exact gradient accumulation, where the reference is scored and kept.
-    "grpo.num_microbatches", "ofsd.num_microbatches", "grpo.ref_logprobs", "grpo.ref_on_host")
+    "grpo.num_microbatches", "ofsd.num_microbatches", "grpo.ref_logprobs", "grpo.ref_on_host",
+    # The sampler's weight layout (GATHER_WEIGHTS): bit-identical samples.
+    "sampling.gather_weights")
 
 
 def resume_block() -> ml_collections.ConfigDict:
@@ -146,6 +148,16 @@ DECODE_SLOTS: dict[str, dict[str, int]] = {
     "v5e-16": {"3b": 256, "7b": 128},  # 7B at 256: rollout_extend 14.0 of 14.9 GiB
 }
 
+# Whether sampler sessions decode from their own bfloat16 copy of the weights gathered over fsdp
+# (sampling.gather_weights): a decode step then reads local weights instead of all-gathering the model every step,
+# at the price of params x 2 bytes / tensor per chip while a rollout runs. On where it fits beside the largest
+# rollout program and the resident train state (docs/tpu.md, "Decode: HBM bytes per step").
+GATHER_WEIGHTS: dict[str, dict[str, bool]] = {
+    "cpu": {"3b": True, "7b": True},
+    "v4-8": {"3b": False, "7b": False},  # 3B: rollout_extend 29.2 of 32 GiB with the float32 shards alone
+    "v5p-8": {"3b": True, "7b": True},
+    "v5e-16": {"3b": False, "7b": False},  # 7B: a 7.6 GB copy per chip (tensor 2) beside an 11.0 GiB decode
+}
 
 # Learner memory per host type and model size, sized with `python -m launch.aot_compile` (docs/tpu.md has the
 # tables): GRPO micro-batches (gradient accumulation is exact: the update is the same) and where the frozen
@@ -173,7 +185,8 @@ def apply_mesh_preset(config: ml_collections.ConfigDict, mesh: str, model: str) 
                                    f"{sorted(MESH_PRESETS[mesh])}")
   data, fsdp, tensor = MESH_PRESETS[mesh][model]
   set_fields(config, {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
-                      "rollout.decode_slots": DECODE_SLOTS[mesh][model], **LEARNER[mesh][model]})
+                      "rollout.decode_slots": DECODE_SLOTS[mesh][model],
+                      "sampling.gather_weights": GATHER_WEIGHTS[mesh][model], **LEARNER[mesh][model]})
 
 
 MODEL_SIZES = {"3b": ("qwen2.5-3b", "Qwen2.5-3B"), "7b": ("qwen2.5-7b", "Qwen2.5-7B")}

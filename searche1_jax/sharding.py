@@ -164,5 +164,15 @@ def mesh_and_rules(config) -> tuple[Mesh | None, tuple[tuple[str, Any], ...]]:
   return (mesh if mesh.size > 1 else None), rules
 
 
+def without_mesh_axis(rules, axis: str) -> tuple[tuple[str, Any], ...]:
+  """The rules with mesh axis `axis` removed from every target: what they shard over it is replicated along it
+  (the sampler's decode layout of the weights drops 'fsdp': gathered once, then read locally every step)."""
+  out = []
+  for name, target in rules:
+    axes = tuple(a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if a != axis)
+    out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(out)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))

@@ -53,6 +53,8 @@ def test_split_and_load_config_with_argument():
   c = load("search_e1", "model=7b,mesh=v5e-16,root=/data")
   assert c.model.preset == "qwen2.5-7b" and c.model.hf_dir == "/data/models/Qwen2.5-7B"
   assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (1, 8, 2)
+  assert c.rollout.decode_slots == 128 and c.sampling.gather_weights is False  # no room for a 7B copy per chip
+  assert load("search_e1", "model=3b,mesh=v5p-8").sampling.gather_weights is True
   assert c.data.tfds_dir == "/data/tfds" and c.retrieval.index_dir == "/data/index/e5_wiki18"
   with pytest.raises(ConfigError, match=r"search_e1.py:mesh=v9-8: mesh='v9-8': unknown mesh preset"):
     load("search_e1", "mesh=v9-8")

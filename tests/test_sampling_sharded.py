@@ -69,3 +69,29 @@ def test_sharded_session_multi_turn_equals_single_device(setup):
     assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
     for a, b in zip(o1.logprobs, o2.logprobs):
       np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_session_decodes_from_its_gathered_compute_dtype_weights(setup):
+  """sampling.gather_weights (default): the session runs on a copy of the float32 params in the bfloat16 compute
+  dtype, gathered over fsdp (still split over tensor), and samples bit for bit what the training layout samples."""
+  cfg, params, sharded, mesh, prompts = setup
+  cfg = cfg.replace(dtype="bfloat16")
+
+  def run(gather):
+    opts = SamplerOptions(decode_chunk=6, min_cache=32, min_length=8, gather_weights=gather)
+    sess = Session(sharded, cfg, prompts, max_len=40, temperature=1.0, seed=1, mesh=mesh, options=opts)
+    outs = [sess.decode(6)]
+    sess.extend({0: [3, 4, 5], 3: [9]})
+    outs.append(sess.decode(5))
+    return sess, outs
+
+  sess, got = run(True)
+  q = sess._params["layers"]["attn"]["q"]["kernel"]
+  assert q.dtype == jax.numpy.bfloat16 and q.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(sess._params))
+  ref_sess, ref = run(False)
+  assert ref_sess._params is sharded
+  for o1, o2 in zip(got, ref):
+    assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
+    for a, b in zip(o1.logprobs, o2.logprobs):
+      np.testing.assert_array_equal(a, b)

@@ -25,6 +25,9 @@ def get() -> ml_collections.ConfigDict:
   c.grow_cache = True  # grow the cache by buckets as sequences lengthen (False: allocate max_len up front)
   c.compact = True  # move live rows into a smaller batch bucket once enough sequences have finished
   c.share_prompts = True  # identical prompts (a question's G samples) prefill once; their cache rows are copied
+  # Decode from a per-session copy of the weights in the compute dtype, gathered over the fsdp axis once (costs
+  # params x compute-dtype bytes / tensor per chip); False: the fsdp shards are gathered inside every decode step.
+  c.gather_weights = True
   c.stop_states = 32  # smallest padded number of stop-automaton states (searche1_jax/sampling/stops.py)
   c.eos_slots = 4  # smallest padded number of EOS ids
   c.pad_id = 0  # token id used for padding (never visible in results)

@@ -1,4 +1,5 @@
-"""The jitted programs of the sampler: new state, extend (= prefill), a chunk of decode steps, relayout.
+"""The jitted programs of the sampler: its copy of the weights, new state, extend (= prefill), a chunk of decode
+steps, relayout.
 
 Device state per session is (cache, last_hidden):
   cache        KVCache (per layer k [B, K, hd, S], v [B, K, S, hd]); slot s of row b holds position s of the
@@ -42,6 +43,8 @@ class Programs:
 
   def __init__(self, cfg: qwen2.Qwen2Config, mesh=None, rules=sharding.DEFAULT_RULES):
     self.cfg, self.mesh, self.rules = cfg, mesh, rules
+    self.weight_rules = sharding.without_mesh_axis(rules, "fsdp")
+    self.weights = jax.jit(self._weights)
     self.new_state = jax.jit(self._new_state, static_argnames=("batch", "length"))
     self.extend = jax.jit(self._extend, donate_argnums=(1, 2), static_argnames=("fresh",))
     self.extend_rows = jax.jit(self._extend_rows, donate_argnums=(1, 2), static_argnames=("fresh",))
@@ -68,6 +71,28 @@ class Programs:
     return cache, self._constrain(last_hidden, ("batch", None))
 
   # -- programs
+
+  def weights_needed(self, params) -> bool:
+    """Whether `weights` would change params: a floating leaf not in the compute dtype, or an fsdp axis to gather."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    recast = any(jnp.issubdtype(p.dtype, jnp.floating) and p.dtype != dtype for p in jax.tree.leaves(params))
+    return recast or (self.mesh is not None and self.mesh.shape["fsdp"] > 1)
+
+  def _weights(self, params):
+    """The sampler's copy of the weights (made once per session): floating leaves in the compute dtype, and on a
+    mesh gathered over 'fsdp' (still split over 'tensor', by `weight_rules`).
+
+    A decode step then reads each chip's local bfloat16 weights instead of all-gathering the fsdp shards inside
+    every step (what the training layout costs: the whole model over ICI per token). Bit-identical results: the
+    matmuls, embedding and norms cast their weights to the compute dtype anyway (qwen2.py). Memory: params x
+    compute-dtype bytes / tensor-axis size per chip while a session lives."""
+    TRACE_COUNTS["weights"] += 1
+    dtype = jnp.dtype(self.cfg.dtype)
+    params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    if self.mesh is None:
+      return params
+    layout = qwen2.param_shardings(self.cfg, self.mesh, self.weight_rules, params)
+    return jax.tree.map(jax.lax.with_sharding_constraint, params, layout)
 
   def _new_state(self, *, batch: int, length: int):
     """Zero cache (batch rows, `length` slots) and zero last_hidden [batch, D]."""

@@ -49,6 +49,9 @@ class SamplerOptions:
   grow_cache: bool = _opt("bool", True)  # True: the cache grows by buckets as sequences lengthen; False: max_len
   compact: bool = _opt("bool", True)  # move live rows into a smaller batch bucket once enough sequences finished
   share_prompts: bool = _opt("bool", True)  # identical prompts prefill once; their cache rows are copied
+  # True: a session decodes from its own copy of the weights, in the compute dtype and gathered over 'fsdp', made
+  # once (engine.Programs.weights); False: from the training layout (fsdp shards gathered inside every step).
+  gather_weights: bool = _opt("bool", True)
   stop_states: int = _opt("int", 32, lo=1)  # smallest padded number of stop-automaton states (tables: [states, V])
   eos_slots: int = _opt("int", 4, lo=1)  # smallest padded number of EOS ids
   pad_id: int = _opt("int", 0, lo=0)  # token id used for padding (never visible in results)

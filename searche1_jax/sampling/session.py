@@ -25,7 +25,8 @@ bucket) or handed to admitted sequences.
 Where the work goes: every token a sequence holds is in the cache (slot == position). `decode` runs jitted
 chunks of `options.decode_chunk` steps (one lax.while_loop each, cache donated); all live rows decode in the
 same batch, a row that stopped only idles (its writes are dropped). `extend` runs one jitted forward over the
-new tokens of all extended rows at once. Shapes are bucketed (see `SamplerOptions`).
+new tokens of all extended rows at once. Shapes are bucketed (see `SamplerOptions`). Both read the session's
+copy of the weights (`options.gather_weights`): compute dtype, gathered over the mesh's 'fsdp' axis once.
 
 Sampling randomness is keyed by (seed, sequence index, position), so results do not depend on batch layout,
 compaction or chunking, and G copies of one prompt (different indices) sample independently.
@@ -96,15 +97,18 @@ class Session:
     seed: PRNG seed; see the module docstring.
     mesh, rules: a ('data', 'fsdp', 'tensor') mesh and logical rules (`searche1_jax.sharding`): batch rows
       over data x fsdp, KV heads over tensor (the cache uses `qwen2.CACHE_K_AXES` / `CACHE_V_AXES`).
-    options: `SamplerOptions` or a `configs/parts/sampling.py` block (bucketing, chunking, compaction).
+    options: `SamplerOptions` or a `configs/parts/sampling.py` block (bucketing, chunking, compaction, and
+      `gather_weights`: the session runs on its own copy of params in the compute dtype, gathered over 'fsdp').
   """
 
   def __init__(self, params, cfg: qwen2.Qwen2Config, prompts: Sequence[Sequence[int]], *, max_len: int,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
                seed: int = 0, mesh=None, rules=sharding.DEFAULT_RULES, options=None):
-    self._params, self.cfg, self.mesh = params, cfg, mesh
+    self.cfg, self.mesh = cfg, mesh
     self._opts = SamplerOptions.from_config(options)
     self._prog = engine.programs(cfg, mesh, tuple(rules))
+    gather = self._opts.gather_weights and self._prog.weights_needed(params)
+    self._params = self._prog.weights(params) if gather else params
     check_sampling_params(temperature, top_p, top_k)
     self._defaults = dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                           eos_ids=_check_ids(eos_ids, cfg.vocab_size, "eos_ids"))

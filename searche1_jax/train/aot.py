@@ -230,6 +230,11 @@ def _abstract_params(cfg, mesh, rules):
   return jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), abstract, shardings)
 
 
+def _bytes_per_chip(tree) -> float:
+  """Bytes one chip holds of an abstract sharded pytree (each leaf's shard shape x itemsize)."""
+  return float(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
 def matmul_params(cfg: qwen2.Qwen2Config) -> tuple[int, int]:
   """(decoder-layer matmul weights, head weights): the FLOP-carrying parameters of one token's forward pass."""
   d, hd = cfg.hidden_size, cfg.head_dim
@@ -274,10 +279,20 @@ def _train_bytes(n_params: int, param_bytes: int, chips: int, weight_reads: floa
 def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Program]:
   prog = engine.programs(cfg, mesh, tuple(rules))
   s = sampling_options.SamplerOptions.from_config(config.sampling)
-  params = _abstract_params(cfg, mesh, rules)
+  train_params = _abstract_params(cfg, mesh, rules)
   n_params, chips = _param_count(cfg), mesh.size
-  p_bytes = jnp.dtype(cfg.param_dtype).itemsize
   out = []
+  # The sessions' copy of the weights (compute dtype, gathered over fsdp), made once a rollout.
+  decode_params = _abstract_params(cfg.replace(param_dtype=cfg.dtype), mesh, prog.weight_rules)
+  params = train_params
+  if s.gather_weights:
+    params = decode_params
+    out.append(Program("sampler_weights", prog.weights, (train_params,), {}, flops=0.0,
+                       hbm_bytes=_bytes_per_chip(train_params) + _bytes_per_chip(decode_params),
+                       shapes=f"{n_params / 1e9:.2f}B params -> {jnp.dtype(cfg.dtype).name}, gathered over fsdp"))
+  # The least a batch-sharded forward pass reads per chip, whatever the layout: every weight in the compute dtype
+  # (its tensor-axis share) once.
+  weight_bytes = _bytes_per_chip(decode_params)
 
   def state(rows):
     cache = jax.eval_shape(lambda: qwen2.init_cache(cfg, rows, shapes.cache))
@@ -304,7 +319,7 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
         (params, cache, hidden, rowvec(rows, jnp.int32, shapes.extend), rowvec(rows, jnp.int32),
          rowvec(rows, jnp.int32)), {"fresh": fresh},
         flops=forward_flops(cfg, tokens, context, head_tokens=0) / chips,
-        hbm_bytes=n_params * p_bytes + 2 * cache_bytes / chips,
+        hbm_bytes=weight_bytes + 2 * cache_bytes / chips,
         shapes=f"{rows} rows x {shapes.extend} tokens, cache {shapes.cache}"))
 
   # The stop automaton of the protocol's stop strings ('</search>', '</answer>': 17 states) fits the first bucket.
@@ -321,7 +336,7 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
     out.append(Program(
         name, prog.decode, args, kwargs,
         flops=steps_ * forward_flops(cfg, rows, shapes.cache) / chips,
-        hbm_bytes=steps_ * (n_params * p_bytes + cache_bytes / chips),
+        hbm_bytes=steps_ * (weight_bytes + cache_bytes / chips),
         shapes=f"{rows} rows, cache {shapes.cache}, {steps_} steps", loop_steps=steps_))
   return out
 
@@ -466,11 +481,24 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16
                 "s64": 8, "u64": 8, "f64": 8}
 
 
+_COPY = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+(copy)()\(")
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count", "bytes", "max_bytes"}} of the collectives in compiled HLO text (result shapes; an op in a
   loop body, e.g. the per-layer scan, is counted once)."""
+  return _ops(_COLLECTIVE, hlo_text)
+
+
+def copies(hlo_text: str) -> dict[str, int]:
+  """{"count", "bytes", "max_bytes"} of the synchronous `copy` ops in compiled HLO text (a buffer copied, e.g. into
+  another layout; counted like `collectives`)."""
+  return _ops(_COPY, hlo_text).get("copy", {"count": 0, "bytes": 0, "max_bytes": 0})
+
+
+def _ops(pattern: re.Pattern, hlo_text: str) -> dict[str, dict[str, int]]:
   out: dict[str, dict[str, int]] = {}
-  for m in _COLLECTIVE.finditer(hlo_text):
+  for m in pattern.finditer(hlo_text):
     shape_text, kind = m.group(1), m.group(2)
     nbytes = 0
     for dtype, dims in _SHAPE.findall(shape_text):
@@ -502,6 +530,9 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
   A loop program (decode: `loop_steps` > 0) also gets step_bytes_min, the minimal HBM bytes of one step (weights
   + the whole cache bucket read once), and step_bytes_xla, XLA's cost analysis of the compiled program's bytes
   accessed per chip, which counts a while loop's body once: one step's traffic, plus the little outside the loop.
+  The cost model also counts a fusion's whole operand where it reads a slice or updates one in place (the cache
+  row writes), so step_bytes_xla overstates the cache traffic. Every program gets copies: the synchronous `copy`
+  ops of its HLO (a buffer copied whole, e.g. into another layout; a cache-sized one in decode is real traffic).
 
   XLA's TPU compiler refuses a program whose buffers exceed HBM (RESOURCE_EXHAUSTED): the row then says
   fits=False with the bytes XLA reported needing (temp_bytes, or peak_bytes) and no collectives.
@@ -517,7 +548,7 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
     if need is None or "RESOURCE_EXHAUSTED" not in str(e):
       raise
     row.update(args_bytes=0, output_bytes=0, temp_bytes=need, alias_bytes=0, peak_bytes=need,
-               compile_s=round(time.perf_counter() - t0, 2), collectives={}, kernel_calls=0,
+               compile_s=round(time.perf_counter() - t0, 2), collectives={}, copies={}, kernel_calls=0,
                error=str(e).splitlines()[0][:300])
   else:
     mem, text = compiled.memory_analysis(), compiled.as_text()
@@ -525,7 +556,7 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
     temp, alias = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
     peak = args + out_b - alias + temp + int(getattr(mem, "generated_code_size_in_bytes", 0))
     row.update(args_bytes=args, output_bytes=out_b, temp_bytes=temp, alias_bytes=alias, peak_bytes=peak,
-               compile_s=round(time.perf_counter() - t0, 2), collectives=collectives(text),
+               compile_s=round(time.perf_counter() - t0, 2), collectives=collectives(text), copies=copies(text),
                kernel_calls=text.count('custom_call_target="tpu_custom_call"'))
     if program.loop_steps:
       cost = compiled.cost_analysis()
