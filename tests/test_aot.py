@@ -197,6 +197,30 @@ def test_decode_reads_weights_gathered_once_per_session(v5p_doc):
   assert sharded["step_bytes_xla"] > rows["rollout_decode"]["step_bytes_xla"]
 
 
+def test_loop_copies_are_those_the_loop_body_runs():
+  hlo = """HloModule m
+%fused_computation.1 (p: f32[8]) -> f32[8] {
+  ROOT %copy.9 = f32[8]{0} copy(%p)
+}
+%body.2 (p: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
+  %copy.1 = f32[64,64]{0,1} copy(%x)
+  %f = f32[8]{0} fusion(%y), kind=kLoop, calls=%fused_computation.1
+  %while.5 = (s32[]) while(%t), condition=%cond.3, body=%inner.4
+}
+%inner.4 (p: (s32[])) -> (s32[]) {
+  %copy.2 = s32[16]{0} copy(%z)
+}
+%cond.3 (p: (s32[])) -> pred[] {
+}
+ENTRY %main (a: f32[64,64]) -> f32[64,64] {
+  %copy.0 = f32[64,64]{0,1} copy(%a)
+  %while.1 = (s32[], f32[64,64]) while(%t), condition=%cond.3, body=%body.2
+}
+"""
+  assert aot.copies(hlo) == {"count": 4, "bytes": 2 * 64 * 64 * 4 + 64 + 32, "max_bytes": 64 * 64 * 4}
+  assert aot.loop_copies(hlo) == {"count": 2, "bytes": 64 * 64 * 4 + 64, "max_bytes": 64 * 64 * 4}
+
+
 def test_estimates_and_the_readme_row(v5p_doc):
   """The per-step and per-rollout estimates combine the programs' roofline seconds as the trainer runs them."""
   config = tiny_config()

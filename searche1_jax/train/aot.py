@@ -496,6 +496,44 @@ def copies(hlo_text: str) -> dict[str, int]:
   return _ops(_COPY, hlo_text).get("copy", {"count": 0, "bytes": 0, "max_bytes": 0})
 
 
+_COMPUTATION_HEAD = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
+_WHILE_BODY = re.compile(r"\bwhile\(.*?\bbody=%([\w.\-]+)")
+_CALLEE = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|false_computation)=%([\w.\-]+)|"
+                     r"branch_computations=\{([^}]*)\}")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, str], str | None]:
+  """{computation name: its text} of compiled HLO text, and the entry computation's name."""
+  comps, entry, name, lines = {}, None, None, []
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION_HEAD.match(line)
+    if m:
+      name, lines = m.group(2), []
+      entry = name if m.group(1) else entry
+    elif line.strip() == "}" and name is not None:
+      comps[name], name = "\n".join(lines), None
+    elif name is not None:
+      lines.append(line)
+  return comps, entry
+
+
+def loop_copies(hlo_text: str) -> dict[str, int]:
+  """`copies` of the computations a while loop of the entry computation runs (its body, the loops and calls inside
+  it; fusion bodies excluded: a copy fused into another op is no pass of its own): what every iteration copies,
+  e.g. every decode step."""
+  comps, entry = _computations(hlo_text)
+  todo = _WHILE_BODY.findall(comps.get(entry, ""))
+  seen: set[str] = set()
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps or "fused_computation" in name:
+      continue
+    seen.add(name)
+    for direct, branches in _CALLEE.findall(comps[name]):
+      todo += [direct] if direct else [b.strip().lstrip("%") for b in branches.split(",")]
+  return copies("\n".join(comps[n] for n in sorted(seen)))
+
+
 def _ops(pattern: re.Pattern, hlo_text: str) -> dict[str, dict[str, int]]:
   out: dict[str, dict[str, int]] = {}
   for m in pattern.finditer(hlo_text):
@@ -532,7 +570,8 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
   accessed per chip, which counts a while loop's body once: one step's traffic, plus the little outside the loop.
   The cost model also counts a fusion's whole operand where it reads a slice or updates one in place (the cache
   row writes), so step_bytes_xla overstates the cache traffic. Every program gets copies: the synchronous `copy`
-  ops of its HLO (a buffer copied whole, e.g. into another layout; a cache-sized one in decode is real traffic).
+  ops of its HLO (a buffer copied whole, e.g. into another layout), and a loop program loop_copies: those its loop
+  runs every step (a cache-sized one there is a whole extra pass over the cache per decode step).
 
   XLA's TPU compiler refuses a program whose buffers exceed HBM (RESOURCE_EXHAUSTED): the row then says
   fits=False with the bytes XLA reported needing (temp_bytes, or peak_bytes) and no collectives.
@@ -561,7 +600,7 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
     if program.loop_steps:
       cost = compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      row.update(step_bytes_min=program.hbm_bytes / program.loop_steps,
+      row.update(loop_copies=loop_copies(text), step_bytes_min=program.hbm_bytes / program.loop_steps,
                  step_bytes_xla=float((cost or {}).get("bytes accessed", float("nan"))))
   if chip is not None:
     peak = row["peak_bytes"]
