@@ -93,8 +93,8 @@ RESUME_MAY_CHANGE = (
     "model.attention", "model.attention_block",
     # Learner memory layout (LEARNER): exact gradient accumulation, where the reference is scored and kept.
     "grpo.num_microbatches", "ofsd.num_microbatches", "grpo.ref_logprobs", "grpo.ref_on_host",
-    # The sampler's weight layout (GATHER_WEIGHTS): bit-identical samples.
-    "sampling.gather_weights")
+    # The sampler's weight layout (GATHER_WEIGHTS): bit-identical samples; the KV cache's key layout: float rounding.
+    "sampling.gather_weights", "model.kv_cache_layout")
 
 
 def resume_block() -> ml_collections.ConfigDict:
@@ -156,7 +156,7 @@ GATHER_WEIGHTS: dict[str, dict[str, bool]] = {
     "cpu": {"3b": True, "7b": True},
     "v4-8": {"3b": False, "7b": False},  # 3B: rollout_extend 29.2 of 32 GiB with the float32 shards alone
     "v5p-8": {"3b": True, "7b": True},
-    "v5e-16": {"3b": False, "7b": False},  # 7B: a 7.6 GB copy per chip (tensor 2) beside an 11.0 GiB decode
+    "v5e-16": {"3b": False, "7b": False},  # 7B: a 7.1 GiB copy per chip (tensor 2) beside a 9.3 GiB decode
 }
 
 # Learner memory per host type and model size, sized with `python -m launch.aot_compile` (docs/tpu.md has the
@@ -186,7 +186,10 @@ def apply_mesh_preset(config: ml_collections.ConfigDict, mesh: str, model: str) 
   data, fsdp, tensor = MESH_PRESETS[mesh][model]
   set_fields(config, {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
                       "rollout.decode_slots": DECODE_SLOTS[mesh][model],
-                      "sampling.gather_weights": GATHER_WEIGHTS[mesh][model], **LEARNER[mesh][model]})
+                      "sampling.gather_weights": GATHER_WEIGHTS[mesh][model],
+                      # TPU: the KV cache slots-major (models/qwen2.py KV_CACHE_LAYOUTS; docs/tpu.md)
+                      "model.kv_cache_layout": "heads_major" if mesh == "cpu" else "slots_major",
+                      **LEARNER[mesh][model]})
 
 
 MODEL_SIZES = {"3b": ("qwen2.5-3b", "Qwen2.5-3B"), "7b": ("qwen2.5-7b", "Qwen2.5-7B")}

@@ -197,6 +197,22 @@ def test_decode_reads_weights_gathered_once_per_session(v5p_doc):
   assert sharded["step_bytes_xla"] > rows["rollout_decode"]["step_bytes_xla"]
 
 
+def test_decode_steps_copy_no_cache_sized_buffer():
+  """The TPU presets cache keys and values slots-major (model.kv_cache_layout='slots_major'): no copy of a
+  cache-sized buffer inside the decode loop. (Heads-major, the one-slot write made XLA copy every layer's whole
+  cache into another layout in every step: 256 MiB copies per layer on 3B.) Two KV heads, as a multi-head cache
+  is what XLA relaid out."""
+  config = tiny_config(**{"model.num_heads": 4, "model.num_kv_heads": 2, "model.hidden_size": 512})
+  assert config.model.kv_cache_layout == "slots_major"
+  cfg = aot.model_config(config.model)
+  shapes = aot.RunShapes.from_config(config, aot.run_mesh(config, aot.topology("v5p-8").devices)[0])
+  layer_cache = shapes.rollout_rows // 4 * cfg.num_kv_heads * cfg.head_dim * shapes.cache * 2  # keys, per chip
+  for layout, copied in (("slots_major", False), ("heads_major", True)):
+    config.model.kv_cache_layout = layout
+    r = aot_compile.compile_run(config, "v5p-8", only=("rollout_decode",))["programs"][0]
+    assert (r["loop_copies"]["max_bytes"] >= layer_cache) == copied, (layout, r["loop_copies"])
+
+
 def test_loop_copies_are_those_the_loop_body_runs():
   hlo = """HloModule m
 %fused_computation.1 (p: f32[8]) -> f32[8] {

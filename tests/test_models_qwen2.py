@@ -138,29 +138,36 @@ def test_attention_causal_blocks_match_numpy(t, block):
 
 # ------------------------------------------------------------------------------------------------ KV cache
 
-def test_prefill_then_decode_equals_full_forward():
-  """Ragged right-padded prefill, then one-token decode steps: logits equal a full forward of each sequence."""
+@pytest.mark.parametrize("layout", qwen2.KV_CACHE_LAYOUTS)
+def test_prefill_then_decode_equals_full_forward(layout):
+  """Ragged right-padded prefill, then one-token decode steps: logits equal a full forward of each sequence, with
+  the cache in either layout."""
+  cfg = TINY.replace(kv_cache_layout=layout)
   params = random_params(TINY, seed=3)
   rng = np.random.RandomState(4)
   lengths = np.array([5, 3])
-  seqs = [rng.randint(0, TINY.vocab_size, n + 4) for n in lengths]  # prompt + 4 decoded tokens
+  seqs = [rng.randint(0, cfg.vocab_size, n + 4) for n in lengths]  # prompt + 4 decoded tokens
   prompt = np.zeros((2, 5), np.int32)
   for b, n in enumerate(lengths):
     prompt[b, :n] = seqs[b][:n]
-  cache = qwen2.init_cache(TINY, 2, 16)
+  cache = qwen2.init_cache(cfg, 2, 16)
   fwd = jax.jit(qwen2.forward_with_cache, static_argnums=1)
-  h, cache = fwd(params, TINY, jnp.asarray(prompt), cache, jnp.zeros(2, jnp.int32))
-  got = {b: [np.asarray(qwen2.logits_from_hidden(params, TINY, h[b, n - 1]))] for b, n in enumerate(lengths)}
+  h, cache = fwd(params, cfg, jnp.asarray(prompt), cache, jnp.zeros(2, jnp.int32))
+  got = {b: [np.asarray(qwen2.logits_from_hidden(params, cfg, h[b, n - 1]))] for b, n in enumerate(lengths)}
   write = lengths.copy()
   for step in range(4):
     tok = np.array([[seqs[b][lengths[b] + step]] for b in range(2)], np.int32)
-    h, cache = fwd(params, TINY, jnp.asarray(tok), cache, jnp.asarray(write, jnp.int32))
+    h, cache = fwd(params, cfg, jnp.asarray(tok), cache, jnp.asarray(write, jnp.int32))
     for b in range(2):
-      got[b].append(np.asarray(qwen2.logits_from_hidden(params, TINY, h[b, 0])))
+      got[b].append(np.asarray(qwen2.logits_from_hidden(params, cfg, h[b, 0])))
     write += 1
   for b, n in enumerate(lengths):
-    full = np.asarray(qwen2.forward(params, TINY, jnp.asarray(seqs[b][None])))[0]
+    full = np.asarray(qwen2.forward(params, cfg, jnp.asarray(seqs[b][None])))[0]
     np.testing.assert_allclose(np.stack(got[b]), full[n - 1:n + 4], atol=1e-5, rtol=0)
+  kv, hd = cfg.num_kv_heads, cfg.head_dim
+  k_shape, v_shape = ((2, kv, hd, 16), (2, kv, 16, hd)) if layout == "heads_major" else ((2, 16, kv, hd),) * 2
+  assert all(k.shape == k_shape for k in cache.k) and all(v.shape == v_shape for v in cache.v)
+  assert qwen2.cache_length(cfg, cache) == 16
 
 
 def test_fresh_prefill_equals_prefill_over_the_cache():

@@ -224,6 +224,25 @@ def test_compaction_and_cache_growth_change_nothing(model):
     np.testing.assert_allclose(l1, l2, atol=1e-5)
 
 
+def test_kv_cache_layouts_sample_the_same(model):
+  """The cache slots-major, keys and values [B, S, K, hd] ('slots_major', the TPU presets'): the same
+  multi-turn rollout (extends, compaction and cache growth) gives the same tokens and log-probs
+  (float rounding)."""
+  cfg, params, prompts = model
+  opts = SamplerOptions(decode_chunk=5, min_cache=64, min_length=8)
+  ref_sess, ref_outs, ref = rollout(params, cfg, prompts * 4, opts)
+  sess, outs, got = rollout(params, cfg.replace(kv_cache_layout="slots_major"), prompts * 4, opts)
+  assert sess._cache.k[0].shape == sess._cache.v[0].shape == (sess.batch_size, sess.cache_length, cfg.num_kv_heads,
+                                                              cfg.head_dim)
+  assert sess.stats["relayouts"] >= 2
+  for o1, o2 in zip(outs, ref_outs):
+    assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
+  for (t1, l1, m1), (t2, l2, m2) in zip(got, ref):
+    assert t1 == t2
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_allclose(l1, l2, atol=1e-5)
+
+
 def test_finished_sequences_get_nothing_and_cache_full_stops(model):
   cfg, params, prompts = model
   sess = Session(params, cfg, prompts, max_len=prompts[1].__len__() + 5, options=SMALL)

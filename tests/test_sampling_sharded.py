@@ -59,7 +59,7 @@ def test_sharded_session_multi_turn_equals_single_device(setup):
   ref_sess, ref = run(params, None)
   sess, got = run(sharded, mesh)
   assert sess.batch_size == 4 and sess.batch_size == ref_sess.batch_size
-  # The cache follows CACHE_K_AXES / CACHE_V_AXES: batch over (data, fsdp), kv heads over tensor.
+  # The cache follows qwen2.cache_axes (heads-major): batch over (data, fsdp), kv heads over tensor.
   for arr in sess._cache.k + sess._cache.v:
     spec = tuple(arr.sharding.spec) + (None,) * 4
     batch_axes = {spec[0]} if isinstance(spec[0], str) else set(spec[0] or ())

@@ -16,6 +16,9 @@ def get() -> ml_collections.ConfigDict:
   # TPU (sequence lengths that are multiples of 128), einsums elsewhere; 'xla' = einsums; 'splash' = the kernel
   # everywhere it applies (Pallas' interpreter off TPU: for tests). Results agree to float rounding
   c.attention = "auto"
+  # The KV cache: 'heads_major' (keys [B, K, hd, S], values [B, K, S, hd]: fastest on the CPU) or 'slots_major' (both
+  # [B, S, K, hd]: on TPU no per-step relayout of the cache in decoding; the TPU mesh presets set it). Speed only
+  c.kv_cache_layout = "heads_major"
   # Shape overrides on top of the preset (None = keep the preset's value); e.g. tiny demo models.
   c.vocab_size = config_dict.placeholder(int)
   c.hidden_size = config_dict.placeholder(int)

@@ -1,6 +1,6 @@
 """Models: the Qwen2 / Qwen2.5 decoder (Flax), HF safetensors in and out, the BERT retrieval encoder."""
 from searche1_jax.models.qwen2 import (
-    CACHE_K_AXES, CACHE_V_AXES, PRESETS, KVCache, Qwen2Config, forward, forward_with_cache, head_kernel,
+    PRESETS, KVCache, Qwen2Config, cache_axes, cache_length, forward, forward_with_cache, head_kernel,
     hidden_states, init_cache, init_params, logits_from_hidden, param_logical_axes, preset)
 
 from searche1_jax.models.hf import (

@@ -45,6 +45,11 @@ REMAT_MODES = ("none", "full", "dots")  # rematerialization of each decoder laye
 # kernel wherever the sequence length allows (models/splash.py; interpreted off TPU: for tests); 'auto' = the
 # kernel when lowered for TPU, einsums elsewhere. Attention over a KV cache (decode, extend) is always einsums.
 ATTENTION_MODES = ("auto", "xla", "splash")
+# The KV cache's layout: 'heads_major' keys [B, K, hd, S] and values [B, K, S, hd] (the CPU's score matmul reads
+# slots contiguously), or 'slots_major' keys and values [B, S, K, hd] (TPU: a decode step's one-slot write of all KV
+# heads is one contiguous row; in the other layout XLA copied every layer's whole cache into this one in every
+# decode step; docs/tpu.md).
+KV_CACHE_LAYOUTS = ("heads_major", "slots_major")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,7 @@ class Qwen2Config:
   # Performance only: results equal the unblocked computation up to float rounding.
   attention_block: int = 128
   attention: str = "auto"  # see ATTENTION_MODES
+  kv_cache_layout: str = "heads_major"  # see KV_CACHE_LAYOUTS; speed only, results agree to float rounding
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -80,6 +86,8 @@ class Qwen2Config:
       raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
     if self.attention not in ATTENTION_MODES:
       raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+    if self.kv_cache_layout not in KV_CACHE_LAYOUTS:
+      raise ValueError(f"kv_cache_layout must be one of {KV_CACHE_LAYOUTS}, got {self.kv_cache_layout!r}")
     if self.remat not in REMAT_MODES:
       raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
     for f in ("param_dtype", "dtype"):
@@ -131,7 +139,7 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", 
 
 # Numerics a `model` config block sets on top of a preset or a checkpoint's shapes (dtype, param_dtype and remat
 # always; the others where the block has them).
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention_block", "attention")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "attention_block", "attention", "kv_cache_layout")
 
 
 def numerics_from_block(block) -> dict[str, Any]:
@@ -157,27 +165,37 @@ def config_from_block(block) -> Qwen2Config:
 class KVCache(NamedTuple):
   """Keys and values, one array per layer, in the compute dtype; slot s holds position s.
 
-  k: L arrays [B, K, hd, S] (keys transposed); v: L arrays [B, K, S, hd].
+  cfg.kv_cache_layout 'heads_major': k L arrays [B, K, hd, S], v L arrays [B, K, S, hd]; 'slots_major': both
+  [B, S, K, hd]. `cache_axes(cfg)` names the axes; `cache_length(cfg, cache)` is S.
   """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
 
-  @property
-  def length(self) -> int:
-    """Physical slots S."""
-    return self.v[0].shape[2]
+
+# Logical axes of each layer's (key, value) cache arrays per layout (see KVCache).
+_CACHE_AXES = {
+    "heads_major": (("batch", "kv_heads", "head_dim", "length"), ("batch", "kv_heads", "length", "head_dim")),
+    "slots_major": (("batch", "length", "kv_heads", "head_dim"),) * 2,
+}
+# Einsum specs of the cached keys and values (b batch, k KV heads, s slots, d head_dim).
+_CACHE_SPECS = {"heads_major": ("bkds", "bksd"), "slots_major": ("bskd", "bskd")}
+
+
+def cache_axes(cfg: Qwen2Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """Logical axes of the (key, value) arrays of cfg's cache."""
+  return _CACHE_AXES[cfg.kv_cache_layout]
+
+
+def cache_length(cfg: Qwen2Config, cache: KVCache) -> int:
+  """Physical slots S of a cache."""
+  return cache.v[0].shape[cache_axes(cfg)[1].index("length")]
 
 
 def init_cache(cfg: Qwen2Config, batch: int, max_len: int) -> KVCache:
-  k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
-  v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  return KVCache(tuple(jnp.zeros(k_shape, cfg.dtype) for _ in range(cfg.num_layers)),
-                 tuple(jnp.zeros(v_shape, cfg.dtype) for _ in range(cfg.num_layers)))
-
-
-# Logical axes of each layer's cache arrays (see KVCache).
-CACHE_K_AXES = ("batch", "kv_heads", "head_dim", "length")
-CACHE_V_AXES = ("batch", "kv_heads", "length", "head_dim")
+  sizes = {"batch": batch, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "length": max_len}
+  k_axes, v_axes = cache_axes(cfg)
+  return KVCache(tuple(jnp.zeros([sizes[a] for a in k_axes], cfg.dtype) for _ in range(cfg.num_layers)),
+                 tuple(jnp.zeros([sizes[a] for a in v_axes], cfg.dtype) for _ in range(cfg.num_layers)))
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -218,13 +236,13 @@ def _heads_major_queries(q, num_kv_heads, dtype):
   return q.reshape(b, t, num_kv_heads, h // num_kv_heads, hd).transpose(0, 2, 3, 1, 4).astype(dtype)
 
 
-def _attend(q, k, v, mask, k_spec: str, dtype):
-  """q [B, K, g, T, hd]; k per k_spec ('bksd' or 'bkds'); v [B, K, S, hd]; mask [B, T, S] -> [B, K, g, T, hd]."""
+def _attend(q, k, v, mask, k_spec: str, dtype, v_spec: str = "bksd"):
+  """q [B, K, g, T, hd]; k per k_spec ('bksd', 'bkds' or 'bskd'); v per v_spec; mask [B, T, S] -> [B, K, g, T, hd]."""
   scale = 1.0 / np.sqrt(q.shape[-1])
   scores = jnp.einsum(f"bkgtd,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+  return jnp.einsum(f"bkgts,{v_spec}->bkgtd", probs, v)
 
 
 def _heads_last(out):
@@ -321,15 +339,20 @@ class Attention(nn.Module):
     v = self._proj("v", cfg.num_kv_heads, "kv_heads")(x)
     new_kv = None
     if cache_kv is not None:
-      ck = _write_cache(cache_kv[0], k.transpose(0, 2, 3, 1), write_index, 3)  # [B, K, hd, S]
-      cv = _write_cache(cache_kv[1], v.transpose(0, 2, 1, 3), write_index, 2)  # [B, K, S, hd]
+      if cfg.kv_cache_layout == "heads_major":
+        ck = _write_cache(cache_kv[0], k.transpose(0, 2, 3, 1), write_index, 3)  # [B, K, hd, S]
+        cv = _write_cache(cache_kv[1], v.transpose(0, 2, 1, 3), write_index, 2)  # [B, K, S, hd]
+      else:  # k, v: [B, T, K, hd] already
+        ck = _write_cache(cache_kv[0], k, write_index, 1)
+        cv = _write_cache(cache_kv[1], v, write_index, 1)
       new_kv = (ck, cv)
     if mask.ndim == 2:
       out = attention(q, k, v, mask, dtype=cfg.dtype, causal_block=cfg.attention_block, kernel=cfg.attention)
     else:
       q = _heads_major_queries(q, cfg.num_kv_heads, cfg.dtype)
       ck, cv = new_kv
-      out = _heads_last(_attend(q, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask, "bkds", cfg.dtype))
+      k_spec, v_spec = _CACHE_SPECS[cfg.kv_cache_layout]
+      out = _heads_last(_attend(q, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask, k_spec, cfg.dtype, v_spec))
     out = nn.DenseGeneral(features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="o",
                           kernel_init=_dense_init(cfg, ("heads", "head_dim", "embed")))(out)
@@ -501,7 +524,7 @@ def forward_with_cache(params: Params, cfg: Qwen2Config, tokens: jax.Array, cach
   if fresh:
     mask = jnp.ones((b, t), bool)
   else:
-    mask = jnp.arange(cache.length)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    mask = jnp.arange(cache_length(cfg, cache))[None, None, :] <= positions[:, :, None]  # [B, T, S]
   x = _embed_module(cfg).apply({"params": params["embed"]}, tokens)
   x, cache = _run_layers(params, cfg, x, positions, mask, cache, write_index.astype(jnp.int32))
   x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype).apply({"params": params["final_norm"]}, x)

@@ -2,7 +2,8 @@
 steps, relayout.
 
 Device state per session is (cache, last_hidden):
-  cache        KVCache (per layer k [B, K, hd, S], v [B, K, S, hd]); slot s of row b holds position s of the
+  cache        KVCache (per layer k and v in cfg.kv_cache_layout: qwen2.cache_axes); slot s of row b holds
+               position s of the
                sequence in that row.
   last_hidden  [B, D] final-norm hidden state at the row's last held token: the next token's logits come
                from it, so the cache always holds every token of a sequence, including the last one.
@@ -66,8 +67,9 @@ class Programs:
     return jax.lax.with_sharding_constraint(x, sharding.replicated(self.mesh))
 
   def _constrain_state(self, cache: qwen2.KVCache, last_hidden):
-    cache = qwen2.KVCache(tuple(self._constrain(k, qwen2.CACHE_K_AXES) for k in cache.k),
-                          tuple(self._constrain(v, qwen2.CACHE_V_AXES) for v in cache.v))
+    k_axes, v_axes = qwen2.cache_axes(self.cfg)
+    cache = qwen2.KVCache(tuple(self._constrain(k, k_axes) for k in cache.k),
+                          tuple(self._constrain(v, v_axes) for v in cache.v))
     return cache, self._constrain(last_hidden, ("batch", None))
 
   # -- programs
@@ -150,7 +152,7 @@ class Programs:
     TRACE_COUNTS["decode"] += 1
     cfg = self.cfg
     b = lengths.shape[0]
-    s = cache.length
+    s = qwen2.cache_length(cfg, cache)
     lengths = lengths.astype(jnp.int32)
     init = dict(i=jnp.int32(0), cache=cache, last_hidden=last_hidden, lengths=lengths, done=~active,
                 n_new=jnp.zeros((b,), jnp.int32), reason=jnp.zeros((b,), jnp.int32),
@@ -204,7 +206,7 @@ class Programs:
         return jnp.pad(x, pad)
       return jax.lax.slice_in_dim(x, 0, length, axis=slot_axis)
 
-    k_slots, v_slots = qwen2.CACHE_K_AXES.index("length"), qwen2.CACHE_V_AXES.index("length")
+    k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
     new_cache = qwen2.KVCache(tuple(move(k, k_slots) for k in cache.k), tuple(move(v, v_slots) for v in cache.v))
     return self._constrain_state(new_cache, jnp.where(keep[:, None], last_hidden[safe], 0))
 

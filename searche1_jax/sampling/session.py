@@ -96,7 +96,7 @@ class Session:
     eos_ids: token ids that end a generation (included in its output). Per-call override in `decode`.
     seed: PRNG seed; see the module docstring.
     mesh, rules: a ('data', 'fsdp', 'tensor') mesh and logical rules (`searche1_jax.sharding`): batch rows
-      over data x fsdp, KV heads over tensor (the cache uses `qwen2.CACHE_K_AXES` / `CACHE_V_AXES`).
+      over data x fsdp, KV heads over tensor (the cache's axes: `qwen2.cache_axes(cfg)`).
     options: `SamplerOptions` or a `configs/parts/sampling.py` block (bucketing, chunking, compaction, and
       `gather_weights`: the session runs on its own copy of params in the compute dtype, gathered over 'fsdp').
   """

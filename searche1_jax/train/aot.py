@@ -296,8 +296,9 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
 
   def state(rows):
     cache = jax.eval_shape(lambda: qwen2.init_cache(cfg, rows, shapes.cache))
-    k = tuple(_sds(x.shape, x.dtype, shd.named_sharding(mesh, x.shape, qwen2.CACHE_K_AXES, rules)) for x in cache.k)
-    v = tuple(_sds(x.shape, x.dtype, shd.named_sharding(mesh, x.shape, qwen2.CACHE_V_AXES, rules)) for x in cache.v)
+    k_axes, v_axes = qwen2.cache_axes(cfg)
+    k = tuple(_sds(x.shape, x.dtype, shd.named_sharding(mesh, x.shape, k_axes, rules)) for x in cache.k)
+    v = tuple(_sds(x.shape, x.dtype, shd.named_sharding(mesh, x.shape, v_axes, rules)) for x in cache.v)
     hidden = _sds((rows, cfg.hidden_size), cfg.dtype, shd.named_sharding(mesh, (rows, cfg.hidden_size),
                                                                         ("batch", None), rules))
     cache_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in cache.k + cache.v)
