@@ -168,3 +168,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "rollout.eval.batch_size": 8, "demo.progress": False,
     })
   return config
+
+
+# launch/compare.py's variants: overrides on a demo config per --equal mode. Equal compute, from the demo's measured
+# costs with the compilation cache warm (docs/demo.md "Comparisons"; benchmarks/round.py): a GRPO step 4.3 s, a
+# 16-question OFSD phase 4.9 s (about one more GRPO step), an on-policy SD step 11.7 s (its learner runs the teacher
+# over every rollout and the student twice: a median 9.9 s of learner time against a GRPO step's 2.5 s).
+GRPO_STEP_S, OFSD_PHASE_S, ON_POLICY_STEP_S = 4.3, 4.9, 11.7
+
+
+def variants(config: ml_collections.ConfigDict, equal: str = "compute") -> dict[str, dict]:
+  """{variant: overrides} matched to the Search-E1 schedule of `config` (its GRPO steps per round + an OFSD phase)."""
+  if equal != "compute":
+    raise ValueError(f"equal={equal!r}: only 'compute' is implemented")
+  steps = int(config.train.grpo_steps_per_round)
+  round_s = steps * GRPO_STEP_S + (OFSD_PHASE_S if config.ofsd.enabled else 0.0)
+  return {
+      "search_e1": {},
+      "grpo_only": {"ofsd.enabled": False, "train.grpo_steps_per_round": max(1, round(round_s / GRPO_STEP_S))},
+      "on_policy": {"ofsd.mode": "on_policy",
+                    "train.grpo_steps_per_round": max(1, round(round_s / ON_POLICY_STEP_S))},
+  }

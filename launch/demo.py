@@ -235,7 +235,7 @@ def _overall(types: dict[str, dict[str, float]]) -> dict[str, float]:
   em_n = sum(v["em"] * v["n"] for v in types.values())
   corr = sum(v["searches_correct"] * v["em"] * v["n"] for v in types.values())
   return {"n": n, "em": em_n / n, "mean_searches": sum(v["mean_searches"] * v["n"] for v in types.values()) / n,
-          "searches_correct": corr / em_n if em_n else 0.0,
+          "searches_correct": corr / em_n if em_n else None,  # no correct answer: undefined, not 0
           "mean_response_tokens": sum(v["mean_response_tokens"] * v["n"] for v in types.values()) / n}
 
 

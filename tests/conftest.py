@@ -14,10 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# The longest files (pytest --durations on 2 cores: ~470 s, ~100 s, ~90 s) start first, so the workers of a parallel
-# run (`make test`: pytest-xdist, one file per worker at a time, in this order) finish together instead of waiting
-# on them.
-START_FIRST = ("test_resume.py", "test_demo.py", "test_notebooks.py")
+# The longest files (pytest --durations on 2 cores: ~600 s, ~110 s, ~80 s, ~65 s) start first, so the workers of a
+# parallel run (`make test`: pytest-xdist, one file per worker at a time, in this order) finish together instead of
+# waiting on them.
+START_FIRST = ("test_resume.py", "test_demo.py", "test_notebooks.py", "test_compare.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -376,26 +376,3 @@ def test_search_stats_counts_searches_against_hops(smoke, tmp_path):
   assert json.loads(out.getvalue()) == {"round000_init": got}
   with pytest.raises(SystemExit):  # no config.json and no --world_dir: a usage error naming the file
     search_stats.main([str(tmp_path / "w1")])
-
-
-@pytest.mark.slow
-def test_smoke_demo_on_policy_variant(tmp_path):
-  """ofsd.mode='on_policy' through the whole trainer: the GRPO step carries the SD loss and its metrics, the
-  batch carries the teacher fields, and no offline phase runs."""
-  from launch import demo
-
-  config = _smoke_config(str(tmp_path / "cache"))
-  config.ofsd.mode = "on_policy"
-  config.ofsd.alpha = 0.01
-  config.train.num_rounds = 1
-  config_utils.validate_config(config)
-  workdir = str(tmp_path / "run")
-  demo.run_demo(config, workdir, out=io.StringIO())
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  grpo_rows = [r for r in rows if r["phase"] == "grpo"]
-  assert len(grpo_rows) == config.train.grpo_steps_per_round
-  assert all(any(k.startswith("sd_") for k in r) and np.isfinite(r["loss"]) for r in grpo_rows)
-  assert not [r for r in rows if r["phase"].startswith("ofsd")]
-  with open(os.path.join(workdir, "results.json")) as f:
-    assert all(r["phase"] != "ofsd" for r in json.load(f)["rounds"])
