@@ -139,11 +139,13 @@ MESH_PRESETS: dict[str, dict[str, tuple[int, int, int]]] = {
 
 
 # Sampler rows held at once (rollout.decode_slots) per host type and model size: the KV cache of every row at
-# protocol.max_prompt_length (4096) must fit beside the params; sized with `python -m launch.aot_compile`
+# protocol.max_prompt_length (4096) must fit beside the params and the learner's optimizer state (resident through
+# the rollouts); sized with `python -m launch.aot_compile`
 # (docs/tpu.md has the table). 0 = the whole rollout batch (the CPU runs are small).
 DECODE_SLOTS: dict[str, dict[str, int]] = {
     "cpu": {"3b": 0, "7b": 0},
-    "v4-8": {"3b": 256, "7b": 128},
+    # 3B at 256: rollout_extend 28.9 GiB + the learner's optimizer state held through the rollout 5.75 = 34.7 of 32
+    "v4-8": {"3b": 128, "7b": 128},
     "v5p-8": {"3b": 512, "7b": 256},  # 7B at 512: rollout_extend 94.5 of 95.0 GiB
     "v5e-16": {"3b": 256, "7b": 128},  # 7B at 256: rollout_extend 14.0 of 14.9 GiB
 }
@@ -154,7 +156,7 @@ DECODE_SLOTS: dict[str, dict[str, int]] = {
 # rollout program and the resident train state (docs/tpu.md, "Decode: HBM bytes per step").
 GATHER_WEIGHTS: dict[str, dict[str, bool]] = {
     "cpu": {"3b": True, "7b": True},
-    "v4-8": {"3b": False, "7b": False},  # 3B: rollout_extend 29.2 of 32 GiB with the float32 shards alone
+    "v4-8": {"3b": True, "7b": False},  # 3B (128 slots): rollout_extend 24.9 of 32 GiB with the copy and the optimizer
     "v5p-8": {"3b": True, "7b": True},
     "v5e-16": {"3b": False, "7b": False},  # 7B: a 7.1 GiB copy per chip (tensor 2) beside a 9.3 GiB decode
 }

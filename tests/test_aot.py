@@ -52,9 +52,24 @@ def test_every_program_of_the_run_is_compiled_and_listed(v5p_doc):
   for r in v5p_doc["programs"]:
     live = r["args_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
     assert r["fits"] and live <= r["peak_bytes"] < live + 64 * 2 ** 20  # + the program's generated code
-    assert 0 < r["peak_bytes"] < r["hbm_bytes"] and r["headroom_bytes"] == r["hbm_bytes"] - r["peak_bytes"]
+    held = r["peak_bytes"] + r["resident_bytes"]
+    assert 0 < held < r["hbm_bytes"] and r["headroom_bytes"] == r["hbm_bytes"] - held
     assert r["est_step_s"] > 0 and r["compile_s"] > 0
   json.dumps(v5p_doc)  # the --json document is plain JSON
+
+
+def test_rollout_programs_count_the_optimizer_state_held_through_rollouts(v5p_doc):
+  """The learner's AdamW moments (float32, sharded over the 4 chips) and its in-step reference's params stay on the
+  chips while the sampler runs: the sampler programs carry them as resident bytes (in fits and headroom), the
+  learner programs (whose arguments they are) do not."""
+  config = tiny_config()
+  assert config.grpo.ref_logprobs == "in_step" and config.grpo.kl_coef > 0
+  moments, ref = 2 * _param_bytes(config) / 4, _param_bytes(config) / 4  # per chip
+  for r in v5p_doc["programs"]:
+    if r["name"].startswith(("rollout_", "eval_", "sampler_")):
+      assert r["resident_bytes"] == pytest.approx(moments + ref, rel=0.01), r["name"]
+    else:
+      assert r["resident_bytes"] == 0, r["name"]
 
 
 def test_train_state_is_sharded_over_fsdp_and_donated(v5p_doc):

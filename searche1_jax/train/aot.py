@@ -218,6 +218,9 @@ class Program:
   hbm_bytes: float
   shapes: str
   loop_steps: int = 0  # > 0: the program is a loop of this many identical steps (decode); hbm_bytes covers all
+  # Per-chip bytes of buffers that stay on the chip while it runs without being its arguments: for the sampler's
+  # programs, the learner's optimizer state (and an on-device reference) held through the rollouts.
+  resident_bytes: float = 0.0
 
 
 def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
@@ -427,7 +430,11 @@ def run_programs(config, mesh, rules, shapes: RunShapes | None = None) -> list[P
   on_policy = (ofsd_phase.OfsdOptions.from_config(config.ofsd, config.protocol.template)
                if ofsd_on and config.ofsd.mode == "on_policy" else None)
   programs = _sampler_programs(cfg, config, shapes, mesh, rules)
-  programs += _grpo_programs(cfg, config, shapes, mesh, rules, on_policy)
+  grpo_programs = _grpo_programs(cfg, config, shapes, mesh, rules, on_policy)
+  resident = _rollout_resident_bytes(config, grpo_programs[0].args[0])
+  for p in programs:
+    p.resident_bytes = resident
+  programs += grpo_programs
   if ofsd_on and config.ofsd.mode == "offline":
     programs += _ofsd_programs(cfg, config, shapes, mesh, rules)
   return programs
@@ -459,15 +466,27 @@ def run_estimates(config, shapes: RunShapes, rows: Sequence[dict]) -> dict:
   return out
 
 
+def _rollout_resident_bytes(config, state: TrainState) -> float:
+  """Per chip, what the learner keeps on the chips through a rollout besides the params the sampler reads: the
+  optimizer state, and the reference's params where they live on device (in the train state, or precomputed
+  from device memory)."""
+  grpo = grpo_loss.GRPOOptions.from_config(config.grpo)
+  out = _bytes_per_chip(state.opt_state)
+  if state.ref_params is not None or (grpo.uses_ref and grpo.ref_logprobs == "precompute" and not grpo.ref_on_host):
+    out += _bytes_per_chip(state.params)
+  return out
+
+
 def summary_row(doc: dict, config_name: str) -> str:
   """One markdown row of the README's table: config, topology, the largest program with its per-chip peak / HBM
   (GiB), whether every program fits, the estimates (run_estimates) and the total compile seconds."""
   rows = doc["programs"]
-  big = max(rows, key=lambda r: r["peak_bytes"])
+  held = lambda r: r["peak_bytes"] + r.get("resident_bytes", 0.0)
+  big = max(rows, key=held)
   misses = [r["name"] for r in rows if not r["fits"]]
   fmt = lambda x: "-" if x is None else f"{x:.1f}"
   e = doc["estimates"]
-  return (f"| {config_name} | {doc['topology']} | {big['name']} | {big['peak_bytes'] / GIB:.1f} / "
+  return (f"| {config_name} | {doc['topology']} | {big['name']} | {held(big) / GIB:.1f} / "
           f"{big['hbm_bytes'] / GIB:.1f} | {'yes' if not misses else 'no: ' + ', '.join(misses)} | "
           f"{fmt(e['grpo_step_s'])} | {fmt(e['rollout_s'])} | {sum(r['compile_s'] for r in rows):.0f} |")
 
@@ -574,11 +593,14 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
   ops of its HLO (a buffer copied whole, e.g. into another layout), and a loop program loop_copies: those its loop
   runs every step (a cache-sized one there is a whole extra pass over the cache per decode step).
 
+  fits and headroom count the program's resident_bytes too (the optimizer state the learner holds on the chips
+  through a rollout, for the sampler's programs).
+
   XLA's TPU compiler refuses a program whose buffers exceed HBM (RESOURCE_EXHAUSTED): the row then says
   fits=False with the bytes XLA reported needing (temp_bytes, or peak_bytes) and no collectives.
   """
   row = {"name": program.name, "shapes": program.shapes, "flops_per_chip": program.flops,
-         "hbm_traffic_bytes": program.hbm_bytes}
+         "hbm_traffic_bytes": program.hbm_bytes, "resident_bytes": program.resident_bytes}
   t0 = time.perf_counter()
   lowered = program.fn.lower(*program.args, **program.kwargs)
   try:
@@ -604,7 +626,7 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
       row.update(loop_copies=loop_copies(text), step_bytes_min=program.hbm_bytes / program.loop_steps,
                  step_bytes_xla=float((cost or {}).get("bytes accessed", float("nan"))))
   if chip is not None:
-    peak = row["peak_bytes"]
+    peak = row["peak_bytes"] + program.resident_bytes
     row.update(hbm_bytes=chip.hbm_bytes, headroom_bytes=chip.hbm_bytes - peak,
                fits=peak <= chip.hbm_bytes and "error" not in row,
                est_step_s=max(program.flops / chip.bf16_flops, program.hbm_bytes / chip.hbm_bandwidth))
@@ -613,7 +635,7 @@ def compile_program(program: Program, chip: Chip | None) -> dict:
 
 def format_table(rows: Sequence[dict]) -> str:
   """The compile table as text: one line per program, GiB per chip."""
-  head = f"{'program':22s} {'args':>7s} {'out':>7s} {'temp':>7s} {'alias':>7s} {'peak':>7s} {'HBM':>6s} " \
+  head = f"{'program':22s} {'args':>7s} {'out':>7s} {'temp':>7s} {'alias':>7s} {'peak':>7s} {'res':>6s} {'HBM':>6s} " \
          f"{'fits':>4s} {'est s':>8s} {'compile s':>9s} {'kern':>4s}  collectives"
   lines = [head, "-" * len(head)]
   for r in rows:
@@ -621,7 +643,7 @@ def format_table(rows: Sequence[dict]) -> str:
     coll = ", ".join(f"{k} x{v['count']} (max {v['max_bytes'] / 2**20:.0f} MiB)"
                      for k, v in sorted(r["collectives"].items()))
     lines.append(f"{r['name']:22s} {g('args_bytes')} {g('output_bytes')} {g('temp_bytes')} {g('alias_bytes')} "
-                 f"{g('peak_bytes')} {r.get('hbm_bytes', 0) / GIB:6.1f} {('yes' if r.get('fits') else 'NO'):>4s} "
+                 f"{g('peak_bytes')} {r.get('resident_bytes', 0) / GIB:6.2f} {r.get('hbm_bytes', 0) / GIB:6.1f} {('yes' if r.get('fits') else 'NO'):>4s} "
                  f"{r.get('est_step_s', float('nan')):8.3f} {r['compile_s']:9.1f} {r.get('kernel_calls', 0):4d}  "
                  f"{coll or '-'}")
   return "\n".join(lines)
