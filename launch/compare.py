@@ -195,9 +195,11 @@ def compare(base, variants: Sequence[str], seeds: Sequence[int], equal: str, wor
 def main(argv) -> None:
   del argv
   variants = [v for v in FLAGS.variants if v]
+  bad = [s for s in FLAGS.seeds if not s.lstrip("-").isdigit()]
+  if bad or not FLAGS.seeds:
+    raise SystemExit(f"launch/compare.py: --seeds {','.join(FLAGS.seeds)!r}: a comma-separated list of integers")
   try:
-    seeds = [int(s) for s in FLAGS.seeds]
-    compare(_CONFIG.value, variants, seeds, FLAGS.equal, FLAGS.workdir)
+    compare(_CONFIG.value, variants, [int(s) for s in FLAGS.seeds], FLAGS.equal, FLAGS.workdir)
   except ValueError as e:  # a ConfigError names the file / field / flag
     raise SystemExit(f"launch/compare.py: {e}") from None
 

@@ -5,6 +5,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -84,6 +86,18 @@ def test_variants_match_the_search_e1_schedule_in_compute():
   assert seeded.seed == 2 and seeded.warm_start.seed == 2 and not seeded.ofsd.enabled
   assert seeded.model.hf_dir == seeded.warm_start.out_dir == os.path.join(config.demo.cache_dir, "warm_start_seed2")
   assert config.seed == 0 and config.ofsd.enabled  # the base config is untouched
+
+
+def test_cli_refuses_unknown_variants_and_bad_seeds(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for args, msg in ((["--variants", "nope"], "--variants ['nope']: unknown; known: ['grpo_only', 'on_policy', "
+                                             "'search_e1']"),
+                    (["--seeds", "0,x"], "--seeds '0,x': a comma-separated list of integers")):
+    r = subprocess.run([sys.executable, "-m", "launch.compare", "--config", f"configs/demo.py:smoke,cache={tmp_path}",
+                        "--workdir", str(tmp_path / "w")] + args, cwd=repo, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "w")  # nothing ran
 
 
 @pytest.mark.slow  # ~60 s on 2 cores: 2 warm starts and 4 smoke runs
