@@ -208,6 +208,16 @@ def test_turns_begun_between_chunks_decode_what_one_decode_does(model):
     sess.begin([3], 4)
 
 
+def assert_same_rollout(outs, trajs, ref_outs, ref_trajs):
+  """Two `rollout` results: the same decode outputs and trajectories (log-probs to float rounding, 1e-5)."""
+  for o1, o2 in zip(outs, ref_outs, strict=True):
+    assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
+  for (t1, l1, m1), (t2, l2, m2) in zip(trajs, ref_trajs, strict=True):
+    assert t1 == t2
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_allclose(l1, l2, atol=1e-5)
+
+
 def test_compaction_and_cache_growth_change_nothing(model):
   cfg, params, prompts = model
   prompts = prompts * 4  # 16 sequences: room to compact 16 -> 8 -> 4 ...
@@ -216,12 +226,7 @@ def test_compaction_and_cache_growth_change_nothing(model):
   sess, outs, got = rollout(params, cfg, prompts, SamplerOptions(decode_chunk=5, min_cache=64, min_length=8))
   assert ref_sess.batch_size == 16 and ref_sess.cache_length == 128
   assert sess.batch_size < 16 and sess.stats["relayouts"] >= 2
-  for o1, o2 in zip(outs, ref_outs):
-    assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
-  for (t1, l1, m1), (t2, l2, m2) in zip(got, ref):
-    assert t1 == t2
-    np.testing.assert_array_equal(m1, m2)
-    np.testing.assert_allclose(l1, l2, atol=1e-5)
+  assert_same_rollout(outs, got, ref_outs, ref)
 
 
 def test_kv_cache_layouts_sample_the_same(model):
@@ -235,12 +240,7 @@ def test_kv_cache_layouts_sample_the_same(model):
   assert sess._cache.k[0].shape == sess._cache.v[0].shape == (sess.batch_size, sess.cache_length, cfg.num_kv_heads,
                                                               cfg.head_dim)
   assert sess.stats["relayouts"] >= 2
-  for o1, o2 in zip(outs, ref_outs):
-    assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
-  for (t1, l1, m1), (t2, l2, m2) in zip(got, ref):
-    assert t1 == t2
-    np.testing.assert_array_equal(m1, m2)
-    np.testing.assert_allclose(l1, l2, atol=1e-5)
+  assert_same_rollout(outs, got, ref_outs, ref)
 
 
 def test_finished_sequences_get_nothing_and_cache_full_stops(model):

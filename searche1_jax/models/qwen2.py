@@ -177,8 +177,8 @@ _CACHE_AXES = {
     "heads_major": (("batch", "kv_heads", "head_dim", "length"), ("batch", "kv_heads", "length", "head_dim")),
     "slots_major": (("batch", "length", "kv_heads", "head_dim"),) * 2,
 }
-# Einsum specs of the cached keys and values (b batch, k KV heads, s slots, d head_dim).
-_CACHE_SPECS = {"heads_major": ("bkds", "bksd"), "slots_major": ("bskd", "bskd")}
+# Einsum letters of the cache's logical axes.
+_AXIS_LETTERS = {"batch": "b", "kv_heads": "k", "head_dim": "d", "length": "s"}
 
 
 def cache_axes(cfg: Qwen2Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -351,7 +351,7 @@ class Attention(nn.Module):
     else:
       q = _heads_major_queries(q, cfg.num_kv_heads, cfg.dtype)
       ck, cv = new_kv
-      k_spec, v_spec = _CACHE_SPECS[cfg.kv_cache_layout]
+      k_spec, v_spec = ("".join(_AXIS_LETTERS[n] for n in axes) for axes in cache_axes(cfg))
       out = _heads_last(_attend(q, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask, k_spec, cfg.dtype, v_spec))
     out = nn.DenseGeneral(features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="o",

@@ -431,7 +431,7 @@ def run_programs(config, mesh, rules, shapes: RunShapes | None = None) -> list[P
                if ofsd_on and config.ofsd.mode == "on_policy" else None)
   programs = _sampler_programs(cfg, config, shapes, mesh, rules)
   grpo_programs = _grpo_programs(cfg, config, shapes, mesh, rules, on_policy)
-  resident = _rollout_resident_bytes(config, grpo_programs[0].args[0])
+  resident = _rollout_resident_bytes(config, next(p.args[0] for p in grpo_programs if p.name == "grpo_step"))
   for p in programs:
     p.resident_bytes = resident
   programs += grpo_programs
