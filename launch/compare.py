@@ -76,6 +76,7 @@ def run_summary(rows: list[dict]) -> dict:
     raise ValueError("a run without evaluations")
   final = rows[-1]
   out = {k: final.get(k) for k, _ in FINAL_METRICS if k != "gain"}
+  out["start_em"] = rows[0].get("avg_em")
   out["gain"] = None if final.get("avg_em") is None or rows[0].get("avg_em") is None else \
       final["avg_em"] - rows[0]["avg_em"]
   phases = []
@@ -123,6 +124,17 @@ def format_tables(summary: dict, equal: str, level: float = 0.95) -> str:
                   "change |", "|---|---|---|---|"]
     for v, r, m in rows:
       lines.append(f"| {v} | {r} | {m['d_em'].format()} | {m['d_searches_correct'].format(2)} |")
+  return "\n".join(lines)
+
+
+def format_seed_table(runs: dict[str, dict[int, dict]]) -> str:
+  """Per variant and seed: warm-start EM, final EM and the gain (run_summary values), one row per run."""
+  lines = ["Per seed: held-out EM of the warm start, after the last round, and the gain:", "",
+           "| variant | seed | warm start EM | final EM | gain |", "|---|---|---|---|---|"]
+  fmt = lambda x, sign="": "-" if x is None else f"{x:{sign}.3f}"
+  for v, by_seed in runs.items():
+    for seed, r in sorted(by_seed.items()):
+      lines.append(f"| {v} | {seed} | {fmt(r.get('start_em'))} | {fmt(r.get('avg_em'))} | {fmt(r.get('gain'), '+')} |")
   return "\n".join(lines)
 
 
@@ -175,7 +187,7 @@ def compare(base, variants: Sequence[str], seeds: Sequence[int], equal: str, wor
       result = demo.run_demo(config, run_dir, out=out)
       runs.setdefault(v, {})[s] = run_summary(result["rows"])
   summary = summarize(runs, level)
-  text = format_tables(summary, equal, level)
+  text = format_tables(summary, equal, level) + "\n\n" + format_seed_table(runs)
   with open(os.path.join(workdir, "compare.md"), "w", encoding="utf-8") as f:
     f.write(text + "\n")
   doc = {"equal": equal, "level": level, "runs": {v: {str(s): r for s, r in by.items()} for v, by in runs.items()},

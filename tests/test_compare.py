@@ -48,7 +48,7 @@ def _without_ofsd(rows):
 def test_run_summary_final_gain_and_ofsd_phase_changes():
   s = compare.run_summary(_rows([0.1, 0.2, 0.25, 0.3, 0.28], [2.0, 1.9, 1.7, 1.8, 1.75]))
   assert s["avg_em"] == 0.28 and math.isclose(s["gain"], 0.18) and s["multi_hop_em"] == 0.14
-  assert s["searches_correct"] == 1.75 and s["mean_response_tokens"] == 104.0
+  assert s["searches_correct"] == 1.75 and s["mean_response_tokens"] == 104.0 and s["start_em"] == 0.1
   assert [p["round"] for p in s["ofsd_phases"]] == [1, 2]
   assert np.allclose([p["d_em"] for p in s["ofsd_phases"]], [0.05, -0.02])
   assert np.allclose([p["d_searches_correct"] for p in s["ofsd_phases"]], [-0.2, -0.05])
@@ -71,6 +71,8 @@ def test_summary_tables_and_plot(tmp_path):
   text = compare.format_tables(summary, "compute")
   assert f"| search_e1 | 0,1 | {final.format()} |" in text
   assert "| search_e1 | 1 | 0.035 [" in text and "grpo_only | 1 |" not in text
+  seeds = compare.format_seed_table(runs)
+  assert "| search_e1 | 1 | 0.120 | 0.330 | +0.210 |" in seeds and "| grpo_only | 0 | 0.100 | 0.300 | +0.200 |" in seeds
   path = compare.plot(summary, str(tmp_path / "compare.png"))
   assert os.path.getsize(path) > 5000
 
