@@ -77,8 +77,7 @@ def run_summary(rows: list[dict]) -> dict:
   final = rows[-1]
   out = {k: final.get(k) for k, _ in FINAL_METRICS if k != "gain"}
   out["start_em"] = rows[0].get("avg_em")
-  out["gain"] = None if final.get("avg_em") is None or rows[0].get("avg_em") is None else \
-      final["avg_em"] - rows[0]["avg_em"]
+  out["gain"] = _diff(final.get("avg_em"), out["start_em"])
   phases = []
   for i, r in enumerate(rows):
     if r.get("phase") == "ofsd" and i > 0 and rows[i - 1].get("round") == r.get("round"):

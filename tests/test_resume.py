@@ -75,7 +75,7 @@ def cache(tmp_path_factory):
           "demo.stage_index(c, log); demo.stage_warm_start(c, w, log)")
   # The warm start's 200 steps run optimized code (no -O0): about twice as fast per step, which more than pays for
   # its five slower compiles (measured: ~20 s less); the runs under test keep the fast-compile flags.
-  env = dict(_env(), XLA_FLAGS=testenv.xla_flags(1).replace(testenv.FAST_COMPILE, "").strip())
+  env = dict(_env(), XLA_FLAGS=testenv.xla_flags(1, fast_compile=False))
   subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=900)
   return cache
 

@@ -8,9 +8,11 @@ import socket
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
-def xla_flags(devices: int = 1) -> str:
-  """XLA_FLAGS for a test process or subprocess that sees `devices` CPU devices."""
-  return f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
+def xla_flags(devices: int = 1, fast_compile: bool = True) -> str:
+  """XLA_FLAGS for a test process or subprocess that sees `devices` CPU devices (fast_compile=False: XLA's default
+  optimization, for a process that runs a few programs many times)."""
+  flags = f"--xla_force_host_platform_device_count={devices}"
+  return f"{FAST_COMPILE} {flags}" if fast_compile else flags
 
 
 def free_port() -> int:
