@@ -44,8 +44,8 @@ def v5p_doc():
 
 def test_every_program_of_the_run_is_compiled_and_listed(v5p_doc):
   names = [r["name"] for r in v5p_doc["programs"]]
-  assert names == ["sampler_weights", "rollout_prefill", "rollout_extend", "rollout_decode", "eval_decode", "grpo_step", "grpo_logprobs",
-                   "ofsd_student_step", "ofsd_teacher_targets"]
+  assert names == ["sampler_weights", "rollout_prefill", "rollout_extend", "rollout_copy_rows", "rollout_decode",
+                   "eval_decode", "grpo_step", "grpo_logprobs", "ofsd_student_step", "ofsd_teacher_targets"]
   assert v5p_doc["devices"] == 4 and v5p_doc["processes"] == 1 and v5p_doc["mesh"] == {"data": 1, "fsdp": 4,
                                                                                         "tensor": 1}
   assert v5p_doc["chip"]["name"] == "v5p" and v5p_doc["chip"]["hbm_bytes"] == 95 * aot.GIB
@@ -260,7 +260,8 @@ def test_estimates_and_the_readme_row(v5p_doc):
   recompute = est["grpo_logprobs"] if config.grpo.old_logprobs == "recompute" else 0.0
   assert np.isclose(v5p_doc["estimates"]["grpo_step_s"], updates * est["grpo_step"] + recompute)
   waves, turns, chunks = 1, config.protocol.max_turns + 1, 32 // 8  # 40 rows in one bucket; 32 tokens, chunks of 8
-  want = waves * (est["rollout_prefill"] + turns * chunks * est["rollout_decode"] + (turns - 1) * est["rollout_extend"])
+  want = waves * (est["rollout_prefill"] + est["rollout_copy_rows"] + turns * chunks * est["rollout_decode"]
+                  + (turns - 1) * est["rollout_extend"])
   assert np.isclose(v5p_doc["estimates"]["rollout_s"], want)
   row = aot.summary_row(v5p_doc, "search_e1 3b")
   big = max(v5p_doc["programs"], key=lambda r: r["peak_bytes"])

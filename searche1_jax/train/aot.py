@@ -325,6 +325,14 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
         flops=forward_flops(cfg, tokens, context, head_tokens=0) / chips,
         hbm_bytes=weight_bytes + 2 * cache_bytes / chips,
         shapes=f"{rows} rows x {shapes.extend} tokens, cache {shapes.cache}"))
+  if s.share_prompts:
+    # A question's G samples prefill once; the other G - 1 rows copy that row's cache (Session.admit). On a
+    # batch-sharded cache a row moves between chips: at most every row of the wave is written, and read once.
+    cache, hidden, cache_bytes = state(rows)
+    out.append(Program(
+        "rollout_copy_rows", prog.copy_rows, (cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32)), {},
+        flops=0.0, hbm_bytes=2 * cache_bytes / chips,
+        shapes=f"{rows} rows copied, cache {shapes.cache}"))
 
   # The stop automaton of the protocol's stop strings ('</search>', '</answer>': 17 states) fits the first bucket.
   states, eos = s.stop_states, s.eos_slots
@@ -447,8 +455,9 @@ def run_estimates(config, shapes: RunShapes, rows: Sequence[dict]) -> dict:
   grpo_step_s: updates per rollout batch (prompts_per_step / mini_batch_prompts x ppo_epochs) x grpo_step, plus
     one grpo_logprobs pass (old log-probs recomputed; skipped when old_logprobs='sampler').
   rollout_s: an upper bound: every wave of rollout rows (prompts_per_step x group_size / rollout rows) prefills
-    once and runs max_turns + 1 turns, each to max_response_length tokens (decode chunks of rollout_decode) and
-    each but the last followed by an extend (an observation).
+    once (and copies the shared prompts' cache rows, rollout_copy_rows, when compiled) and runs max_turns + 1
+    turns, each to max_response_length tokens (decode chunks of rollout_decode) and each but the last followed by
+    an extend (an observation).
   """
   est = {r["name"]: r["est_step_s"] for r in rows if r.get("fits") and "est_step_s" in r}
   t, p, g = config.train, config.protocol, int(config.grpo.group_size)
@@ -461,7 +470,8 @@ def run_estimates(config, shapes: RunShapes, rows: Sequence[dict]) -> dict:
     waves = -(-int(t.prompts_per_step) * g // shapes.rollout_rows)
     turns = int(p.max_turns) + 1
     chunks = -(-int(p.max_response_length) // shapes.decode_steps)
-    out["rollout_s"] = waves * (est["rollout_prefill"] + turns * chunks * est["rollout_decode"]
+    out["rollout_s"] = waves * (est["rollout_prefill"] + est.get("rollout_copy_rows", 0.0)
+                                + turns * chunks * est["rollout_decode"]
                                 + (turns - 1) * est["rollout_extend"])
   return out
 
