@@ -258,7 +258,8 @@ class Session:
       n_rows = self._batch_bucket(len(copies))
       src, dst = np.zeros(n_rows, np.int32), np.full(n_rows, self._batch, np.int32)  # padding entries: dropped
       src[:len(copies)], dst[:len(copies)] = self._row[new[source[copies]]], self._row[new[copies]]
-      self._cache, self._last_hidden = self._prog.copy_rows(self._cache, self._last_hidden, src, dst)
+      length = min(self._cache_bucket(int(max(self._lengths[new[source[copies]]]))), self._cache_len)
+      self._cache, self._last_hidden = self._prog.copy_rows(self._cache, self._last_hidden, src, dst, length=length)
       for k in copies:
         i, j = new[k], new[source[k]]
         self._tokens[i], self._mask[i], self._lps[i] = list(self._tokens[j]), list(self._mask[j]), list(self._lps[j])

@@ -328,11 +328,14 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
   if s.share_prompts:
     # A question's G samples prefill once; the other G - 1 rows copy that row's cache (Session.admit). On a
     # batch-sharded cache a row moves between chips: at most every row of the wave is written, and read once.
+    # Only the prompt's slots are copied (at most protocol.max_start_length, bucketed as the session does).
+    prefix = min(shapes.cache, sampling_options.bucket(int(config.protocol.max_start_length), s.cache_buckets,
+                                                       s.min_cache, "sampling.cache_buckets"))
     cache, hidden, cache_bytes = state(rows)
     out.append(Program(
-        "rollout_copy_rows", prog.copy_rows, (cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32)), {},
-        flops=0.0, hbm_bytes=2 * cache_bytes / chips,
-        shapes=f"{rows} rows copied, cache {shapes.cache}"))
+        "rollout_copy_rows", prog.copy_rows, (cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32)),
+        {"length": prefix}, flops=0.0, hbm_bytes=2 * cache_bytes * prefix / shapes.cache / chips,
+        shapes=f"{rows} rows x {prefix} slots copied, cache {shapes.cache}"))
 
   # The stop automaton of the protocol's stop strings ('</search>', '</answer>': 17 states) fits the first bucket.
   states, eos = s.stop_states, s.eos_slots
