@@ -1,5 +1,5 @@
 """The jitted programs of the sampler: its copy of the weights, new state, extend (= prefill), a chunk of decode
-steps, relayout.
+steps, and the row moves (relayout, grow, copy_rows).
 
 Device state per session is (cache, last_hidden):
   cache        KVCache (per layer k and v in cfg.kv_cache_layout: qwen2.cache_axes); slot s of row b holds
@@ -52,6 +52,7 @@ class Programs:
     self.decode = jax.jit(self._decode, static_argnames=("greedy", "top_k", "use_top_p", "steps"),
                           donate_argnums=(1, 2))
     self.relayout = jax.jit(self._relayout, static_argnames=("length",))
+    self.grow = jax.jit(self._grow, static_argnames=("length",))
     self.copy_rows = jax.jit(self._copy_rows, donate_argnums=(0, 1), static_argnames=("length",))
 
   # -- sharding helpers (no-ops on a single device)
@@ -207,8 +208,23 @@ class Programs:
       return jax.lax.slice_in_dim(x, 0, length, axis=slot_axis)
 
     k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
-    new_cache = qwen2.KVCache(tuple(move(k, k_slots) for k in cache.k), tuple(move(v, v_slots) for v in cache.v))
+    new_cache = _one_array_at_a_time(move, cache, k_slots, v_slots)
     return self._constrain_state(new_cache, jnp.where(keep[:, None], last_hidden[safe], 0))
+
+  def _grow(self, cache, last_hidden, *, length: int):
+    """The cache lengthened to `length` slots (zero-padded past the old ones), every row in place. On a
+    batch-sharded cache each chip pads its own rows; a relayout by row indices (even the identity) would gather
+    the whole cache onto every chip (docs/tpu.md)."""
+    TRACE_COUNTS["grow"] += 1
+
+    def pad(x, slot_axis):
+      widths = [(0, 0)] * x.ndim
+      widths[slot_axis] = (0, length - x.shape[slot_axis])
+      return jnp.pad(x, widths)
+
+    k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
+    cache = qwen2.KVCache(tuple(pad(k, k_slots) for k in cache.k), tuple(pad(v, v_slots) for v in cache.v))
+    return self._constrain_state(cache, last_hidden)
 
   def _copy_rows(self, cache, last_hidden, src, dst, *, length: int):
     """Row dst[r] becomes a copy of row src[r] in place: its hidden state and cache slots 0 .. length - 1 (the
@@ -224,18 +240,24 @@ class Programs:
       prefix[slot_axis - 1] = slice(0, length)
       return x.at[(dst, *prefix)].set(x[(src, *prefix)], mode="drop")
 
-    # One layer's array at a time: each copy waits on the previous one's result (an optimization barrier), so XLA
-    # cannot hold every layer's gathered rows at once (measured, 3B on v5p-8: 28.5 GiB of temporaries without).
-    out, prev = [], None
-    for x, slot_axis in [(k, k_slots) for k in cache.k] + [(v, v_slots) for v in cache.v]:
-      if prev is not None:
-        prev, x = jax.lax.optimization_barrier((prev, x))
-        out[-1] = prev
-      prev = copy(x, slot_axis)
-      out.append(prev)
-    n = len(cache.k)
-    cache = qwen2.KVCache(tuple(out[:n]), tuple(out[n:]))
+    cache = _one_array_at_a_time(copy, cache, k_slots, v_slots)
     return self._constrain_state(cache, last_hidden.at[dst].set(last_hidden[src], mode="drop"))
+
+
+def _one_array_at_a_time(fn, cache: qwen2.KVCache, k_slots: int, v_slots: int) -> qwen2.KVCache:
+  """fn(x, slot_axis) over the cache's arrays (every layer's k, then every layer's v), each call waiting on the
+  previous one's result (an optimization barrier). A row move on a batch-sharded cache gathers the moved rows onto
+  every chip; in sequence only one array's are held at a time (measured, the shared-prompt copy of 3B on v5p-8:
+  28.5 GiB of temporaries at once, 1.5 GiB in sequence)."""
+  out, prev = [], None
+  for x, slot_axis in [(k, k_slots) for k in cache.k] + [(v, v_slots) for v in cache.v]:
+    if prev is not None:
+      prev, x = jax.lax.optimization_barrier((prev, x))
+      out[-1] = prev
+    prev = fn(x, slot_axis)
+    out.append(prev)
+  n = len(cache.k)
+  return qwen2.KVCache(tuple(out[:n]), tuple(out[n:]))
 
 
 @functools.lru_cache(maxsize=16)

@@ -449,8 +449,10 @@ class Session:
       self._gather_rows(self._row[live], batch, length)
       self._row[:] = -1
       self._row[live] = np.arange(len(live))
-    else:
-      self._gather_rows(np.arange(batch), batch, length)
+    else:  # the same rows, a longer cache
+      self._cache, self._last_hidden = self._prog.grow(self._cache, self._last_hidden, length=length)
+      self._cache_len = length
+      self.stats["relayouts"] += 1
 
   def _gather_rows(self, rows: np.ndarray, batch: int, length: int) -> None:
     """A new device batch of `batch` rows x `length` slots whose row k is old row rows[k] (rows past len(rows)

@@ -297,8 +297,8 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
   # (its tensor-axis share) once.
   weight_bytes = _bytes_per_chip(decode_params)
 
-  def state(rows):
-    cache = jax.eval_shape(lambda: qwen2.init_cache(cfg, rows, shapes.cache))
+  def state(rows, length=shapes.cache):
+    cache = jax.eval_shape(lambda: qwen2.init_cache(cfg, rows, length))
     k_axes, v_axes = qwen2.cache_axes(cfg)
     k = tuple(_sds(x.shape, x.dtype, shd.named_sharding(mesh, x.shape, k_axes, rules)) for x in cache.k)
     v = tuple(_sds(x.shape, x.dtype, shd.named_sharding(mesh, x.shape, v_axes, rules)) for x in cache.v)
@@ -336,6 +336,18 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
         "rollout_copy_rows", prog.copy_rows, (cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32)),
         {"length": prefix}, flops=0.0, hbm_bytes=2 * cache_bytes * prefix / shapes.cache / chips,
         shapes=f"{rows} rows x {prefix} slots copied, cache {shapes.cache}"))
+
+  # The cache grows by length buckets as sequences lengthen (each chip pads its own rows), and the live rows of a
+  # batch compact into a smaller batch bucket (sampling.compact; rows move between chips).
+  half = max(shapes.cache // 2, 1)
+  cache, hidden, cache_bytes = state(rows)
+  grow_cache, _, _ = state(rows, half)
+  out.append(Program("rollout_grow", prog.grow, (grow_cache, hidden), {"length": shapes.cache}, flops=0.0,
+                     hbm_bytes=1.5 * cache_bytes / chips, shapes=f"{rows} rows, cache {half} -> {shapes.cache}"))
+  if s.compact and rows // 2 >= shd.data_parallel_size(mesh):
+    out.append(Program("rollout_compact", prog.relayout, (cache, hidden, _sds((rows // 2,), jnp.int32, rep)),
+                       {"length": shapes.cache}, flops=0.0, hbm_bytes=cache_bytes / chips,
+                       shapes=f"{rows} -> {rows // 2} rows, cache {shapes.cache}"))
 
   # The stop automaton of the protocol's stop strings ('</search>', '</answer>': 17 states) fits the first bucket.
   states, eos = s.stop_states, s.eos_slots
