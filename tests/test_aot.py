@@ -45,8 +45,8 @@ def v5p_doc():
 def test_every_program_of_the_run_is_compiled_and_listed(v5p_doc):
   names = [r["name"] for r in v5p_doc["programs"]]
   assert names == ["sampler_weights", "rollout_prefill", "rollout_extend", "rollout_copy_rows", "rollout_grow",
-                   "rollout_compact", "rollout_decode", "eval_decode", "grpo_step", "grpo_logprobs", "ofsd_student_step",
-                   "ofsd_teacher_targets"]
+                   "rollout_compact", "rollout_compact_local", "rollout_decode", "eval_decode", "grpo_step",
+                   "grpo_logprobs", "ofsd_student_step", "ofsd_teacher_targets"]
   assert v5p_doc["devices"] == 4 and v5p_doc["processes"] == 1 and v5p_doc["mesh"] == {"data": 1, "fsdp": 4,
                                                                                         "tensor": 1}
   assert v5p_doc["chip"]["name"] == "v5p" and v5p_doc["chip"]["hbm_bytes"] == 95 * aot.GIB
@@ -251,7 +251,8 @@ def test_shared_prompt_copy_moves_the_prompt_slots_one_layer_at_a_time(v5p_doc):
 def test_cache_growth_is_local_and_compaction_moves_one_array_at_a_time(v5p_doc):
   """rollout_grow pads every chip's own rows (no collective; a relayout by row indices, even the identity,
   all-gathered the whole cache: 36 GiB and 54 GiB of copies on 3B / v5p-8). rollout_compact gathers the live rows
-  into half the batch: XLA moves the new cache (all-reduce), one layer's array at a time."""
+  into half the batch: XLA moves the new cache (all-reduce), one layer's array at a time; rollout_compact_local,
+  where every live row stays on its chip, moves nothing between chips."""
   config = tiny_config()
   cfg = aot.model_config(config.model)
   shapes = aot.RunShapes.from_config(config, aot.run_mesh(config, aot.topology("v5p-8").devices)[0])
@@ -263,6 +264,8 @@ def test_cache_growth_is_local_and_compaction_moves_one_array_at_a_time(v5p_doc)
   moved = sum(c["bytes"] for c in compact["collectives"].values())
   assert moved <= 1.05 * 2 * cfg.num_layers * array_bytes / 2, compact["collectives"]  # the new (half) cache
   assert compact["temp_bytes"] <= 1.5 * array_bytes / 2, compact["temp_bytes"]
+  local = rows["rollout_compact_local"]  # each chip gathers from its own rows
+  assert local["collectives"] == {} and local["temp_bytes"] < array_bytes / 64, local
 
 
 def test_loop_copies_are_those_the_loop_body_runs():

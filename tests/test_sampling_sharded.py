@@ -5,7 +5,8 @@ import pytest
 
 from searche1_jax import sharding
 from searche1_jax.models import qwen2
-from searche1_jax.sampling import SamplerOptions, Session, generate
+from searche1_jax.sampling import SamplerOptions, Session, engine, generate
+from searche1_jax.sampling import session as session_lib
 from test_sampling_util import tiny_cfg
 
 OPTS = SamplerOptions(decode_chunk=6, min_cache=32, min_length=8)
@@ -69,6 +70,45 @@ def test_sharded_session_multi_turn_equals_single_device(setup):
     assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
     for a, b in zip(o1.logprobs, o2.logprobs):
       np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_compaction_keeps_rows_on_their_shard_and_equals_single_device(setup):
+  """When every batch shard's live rows fit its share of the smaller batch, the compaction gathers shard-locally
+  (no row changes device; engine.relayout_local); otherwise it falls back to the global gather. Either way the
+  session decodes what the single-device one does."""
+  cfg, params, sharded, mesh, prompts = setup
+  prompts = prompts + prompts[:2]  # 8 rows, 2 per fsdp shard
+
+  def run(p, m, finished):
+    sess = Session(p, cfg, prompts, max_len=60, temperature=1.0, seed=7, mesh=m, options=OPTS)
+    outs = [sess.decode(5)]
+    before = engine.TRACE_COUNTS.copy()
+    sess.finish(finished)
+    outs.append(sess.decode(6))
+    return sess, outs, engine.TRACE_COUNTS - before
+
+  for finished, local in (([0, 2, 4, 6], True), ([0, 1, 2, 3], False)):  # one live row per shard; two in shards 2, 3
+    ref_sess, ref, _ = run(params, None, finished)
+    sess, got, traced = run(sharded, mesh, finished)
+    assert sess.batch_size == ref_sess.batch_size == 4
+    assert sorted(sess._row[sess.live].tolist()) == [0, 1, 2, 3]
+    assert sess.stats["shard_local_relayouts"] == int(local) and ref_sess.stats["shard_local_relayouts"] == 0
+    if local:
+      assert sess._row[sess.live].tolist() == [0, 1, 2, 3] and traced["relayout"] == 0
+    for o1, o2 in zip(got, ref):
+      assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
+      for a, b in zip(o1.logprobs, o2.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_shard_local_positions():
+  positions = session_lib._shard_local_positions
+  # 8 rows in 4 shards of 2 -> 4 rows in 4 shards of 1: rows 1, 3, 5, 6 are one per shard.
+  assert positions(np.array([6, 1, 3, 5]), 8, 4, 4).tolist() == [3, 0, 1, 2]
+  assert positions(np.array([4, 5]), 8, 4, 4) is None  # both in shard 2
+  assert positions(np.array([0, 5]), 8, 4, 1) is None  # one shard: the plain gather
+  assert positions(np.array([5, 2, 0]), 8, 4, 2).tolist() == [2, 1, 0]  # shards of 4 -> 2, old order within
+  assert positions(np.array([0, 3, 2]), 8, 4, 2) is None  # three rows of shard 0 for its 2 new places
 
 
 def test_session_decodes_from_its_gathered_compute_dtype_weights(setup):

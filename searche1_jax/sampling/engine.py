@@ -53,6 +53,7 @@ class Programs:
                           donate_argnums=(1, 2))
     self.relayout = jax.jit(self._relayout, static_argnames=("length",))
     self.grow = jax.jit(self._grow, static_argnames=("length",))
+    self.relayout_local = jax.jit(self._relayout_local, static_argnames=("length", "shards"))
     self.copy_rows = jax.jit(self._copy_rows, donate_argnums=(0, 1), static_argnames=("length",))
 
   # -- sharding helpers (no-ops on a single device)
@@ -210,6 +211,38 @@ class Programs:
     k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
     new_cache = _one_array_at_a_time(move, cache, k_slots, v_slots)
     return self._constrain_state(new_cache, jnp.where(keep[:, None], last_hidden[safe], 0))
+
+  def _relayout_local(self, cache, last_hidden, rows, *, length: int, shards: int):
+    """`_relayout` where every new row comes from the same batch shard: with the batch split into `shards`
+    equal blocks (one per data-parallel device, in order), new row r of block k is old row rows[r] of block k
+    (-1 = empty). Each device gathers from its own rows: no row crosses chips (a `_relayout` by arbitrary
+    indices all-reduces the whole new cache, docs/tpu.md)."""
+    TRACE_COUNTS["relayout_local"] += 1
+    b_old, b_new = last_hidden.shape[0], rows.shape[0]
+    keep = (rows >= 0).reshape(shards, b_new // shards)
+    local = jnp.maximum(rows.reshape(shards, b_new // shards) - (jnp.arange(shards) * (b_old // shards))[:, None], 0)
+
+    def blocks(x):  # [B, ...] -> [shards, B / shards, ...], the block axis on the batch shards
+      y = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+      return self._constrain(y, ("batch",) + (None,) * (y.ndim - 1))
+
+    def gather(x):  # [B, ...] -> [B', ...]
+      y = jax.vmap(lambda xs, i: xs[i])(blocks(x), local)
+      y = jnp.where(keep.reshape(keep.shape + (1,) * (y.ndim - 2)), y, 0)
+      return y.reshape((b_new,) + x.shape[1:])
+
+    def move(x, slot_axis):
+      x = gather(x)
+      s = x.shape[slot_axis]
+      if length >= s:
+        pad = [(0, 0)] * x.ndim
+        pad[slot_axis] = (0, length - s)
+        return jnp.pad(x, pad)
+      return jax.lax.slice_in_dim(x, 0, length, axis=slot_axis)
+
+    k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
+    new_cache = qwen2.KVCache(tuple(move(k, k_slots) for k in cache.k), tuple(move(v, v_slots) for v in cache.v))
+    return self._constrain_state(new_cache, gather(last_hidden))
 
   def _grow(self, cache, last_hidden, *, length: int):
     """The cache lengthened to `length` slots (zero-padded past the old ones), every row in place. On a

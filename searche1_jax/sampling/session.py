@@ -151,7 +151,8 @@ class Session:
     first = min(self.max_len, longest + self._opts.decode_chunk) if self._opts.grow_cache else self.max_len
     self._cache_len = self._cache_bucket(first)
     self._cache, self._last_hidden = self._prog.new_state(batch=self._batch, length=self._cache_len)
-    self.stats = dict(extend_calls=0, sub_batch_extends=0, decode_chunks=0, relayouts=0, shared_prefills=0)
+    self.stats = dict(extend_calls=0, sub_batch_extends=0, decode_chunks=0, relayouts=0, shard_local_relayouts=0,
+                      shared_prefills=0)
     if shared:
       self._row[:] = -1
       self._row[unique] = np.arange(len(unique))
@@ -446,9 +447,21 @@ class Session:
     if batch == self._batch and length == self._cache_len:
       return
     if batch != self._batch:
-      self._gather_rows(self._row[live], batch, length)
+      shards = sharding.data_parallel_size(self.mesh) if self.mesh is not None else 1
+      pos = _shard_local_positions(self._row[live], self._batch, batch, shards)
+      if pos is None:  # one device, or a shard whose live rows exceed its share: rows may change chips
+        self._gather_rows(self._row[live], batch, length)
+        pos = np.arange(len(live))
+      else:  # every live row stays on its chip
+        gather = np.full(batch, -1, np.int32)
+        gather[pos] = self._row[live]
+        self._cache, self._last_hidden = self._prog.relayout_local(self._cache, self._last_hidden, gather,
+                                                                   length=length, shards=shards)
+        self._batch, self._cache_len = batch, length
+        self.stats["relayouts"] += 1
+        self.stats["shard_local_relayouts"] += 1
       self._row[:] = -1
-      self._row[live] = np.arange(len(live))
+      self._row[live] = pos
     else:  # the same rows, a longer cache
       self._cache, self._last_hidden = self._prog.grow(self._cache, self._last_hidden, length=length)
       self._cache_len = length
@@ -515,3 +528,20 @@ class Session:
         self._lps[i] += [0.0] * len(c)
         self._lengths[i] += len(c)
       offset += opts.max_extend
+
+
+def _shard_local_positions(rows: np.ndarray, old_batch: int, new_batch: int, shards: int) -> np.ndarray | None:
+  """Rows [n] of a batch of old_batch rows, split into `shards` equal blocks (one per data-parallel device), placed
+  into a batch of new_batch rows in the same blocks, in order within each: the new position of each, or None when
+  there is one shard, the batches do not split evenly, or a block holds more rows than its share of the new batch."""
+  if shards <= 1 or old_batch % shards or new_batch % shards:
+    return None
+  per_old, per_new = old_batch // shards, new_batch // shards
+  block = np.asarray(rows) // per_old
+  pos = np.empty(len(block), np.int64)
+  for k in range(shards):
+    mine = np.flatnonzero(block == k)
+    if len(mine) > per_new:
+      return None
+    pos[mine] = k * per_new + np.argsort(np.argsort(np.asarray(rows)[mine], kind="stable"), kind="stable")
+  return pos

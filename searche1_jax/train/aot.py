@@ -344,10 +344,18 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
   grow_cache, _, _ = state(rows, half)
   out.append(Program("rollout_grow", prog.grow, (grow_cache, hidden), {"length": shapes.cache}, flops=0.0,
                      hbm_bytes=1.5 * cache_bytes / chips, shapes=f"{rows} rows, cache {half} -> {shapes.cache}"))
-  if s.compact and rows // 2 >= shd.data_parallel_size(mesh):
-    out.append(Program("rollout_compact", prog.relayout, (cache, hidden, _sds((rows // 2,), jnp.int32, rep)),
-                       {"length": shapes.cache}, flops=0.0, hbm_bytes=cache_bytes / chips,
+  dp = shd.data_parallel_size(mesh)
+  if s.compact and rows // 2 >= dp:
+    # Two forms (Session._layout): every live row stays on its chip when each shard's live rows fit its share of
+    # the smaller batch (rollout_compact_local); else rows change chips (rollout_compact).
+    index = _sds((rows // 2,), jnp.int32, rep)
+    out.append(Program("rollout_compact", prog.relayout, (cache, hidden, index), {"length": shapes.cache},
+                       flops=0.0, hbm_bytes=cache_bytes / chips,
                        shapes=f"{rows} -> {rows // 2} rows, cache {shapes.cache}"))
+    if dp > 1:
+      out.append(Program("rollout_compact_local", prog.relayout_local, (cache, hidden, index),
+                         {"length": shapes.cache, "shards": dp}, flops=0.0, hbm_bytes=cache_bytes / chips,
+                         shapes=f"{rows} -> {rows // 2} rows, cache {shapes.cache}, rows kept on their chip"))
 
   # The stop automaton of the protocol's stop strings ('</search>', '</answer>': 17 states) fits the first bucket.
   states, eos = s.stop_states, s.eos_slots
