@@ -37,6 +37,13 @@ def _param_bytes(config) -> int:
   return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
 
 
+def _tiny_model_and_shapes():
+  """The tiny config's model and the shapes its programs are compiled at on v5p-8 (v5p_doc's)."""
+  config = tiny_config()
+  return aot.model_config(config.model), aot.RunShapes.from_config(config, aot.run_mesh(
+      config, aot.topology("v5p-8").devices)[0])
+
+
 @pytest.fixture(scope="module")
 def v5p_doc():
   return aot_compile.compile_run(tiny_config(), "v5p-8")
@@ -235,9 +242,7 @@ def test_shared_prompt_copy_moves_the_prompt_slots_one_layer_at_a_time(v5p_doc):
   slot, and one layer's array at a time (the temporaries hold a few arrays' gathered rows, not all of them).
   Measured before, on 3B / v5p-8: whole-cache all-gathers of 144 GiB and 180 GiB of copies per call; with the
   prefix but no ordering, 28.5 GiB of temporaries; now 36 GiB of all-reduce and 1.5 GiB of temporaries."""
-  config = tiny_config()
-  cfg = aot.model_config(config.model)
-  shapes = aot.RunShapes.from_config(config, aot.run_mesh(config, aot.topology("v5p-8").devices)[0])
+  cfg, shapes = _tiny_model_and_shapes()
   r = next(p for p in v5p_doc["programs"] if p["name"] == "rollout_copy_rows")
   arrays = 2 * cfg.num_layers
   array_bytes = shapes.rollout_rows * cfg.num_kv_heads * cfg.head_dim * shapes.cache * 2  # bf16, whole batch
@@ -253,9 +258,7 @@ def test_cache_growth_is_local_and_compaction_moves_one_array_at_a_time(v5p_doc)
   all-gathered the whole cache: 36 GiB and 54 GiB of copies on 3B / v5p-8). rollout_compact gathers the live rows
   into half the batch: XLA moves the new cache (all-reduce), one layer's array at a time; rollout_compact_local,
   where every live row stays on its chip, moves nothing between chips."""
-  config = tiny_config()
-  cfg = aot.model_config(config.model)
-  shapes = aot.RunShapes.from_config(config, aot.run_mesh(config, aot.topology("v5p-8").devices)[0])
+  cfg, shapes = _tiny_model_and_shapes()
   rows = {r["name"]: r for r in v5p_doc["programs"]}
   grow, compact = rows["rollout_grow"], rows["rollout_compact"]
   array_bytes = shapes.rollout_rows * cfg.num_kv_heads * cfg.head_dim * shapes.cache * 2  # bf16, whole batch

@@ -194,23 +194,17 @@ class Programs:
 
   def _relayout(self, cache, last_hidden, rows, *, length: int):
     """Gather rows [B'] (indices into the old batch; -1 = an empty row, zero-filled) into a cache of physical
-    length `length` (longer: zero-padded; shorter: truncated, the caller guarantees nothing is lost)."""
+    length `length` (longer: zero-padded; shorter: truncated, the caller guarantees nothing is lost). On a
+    batch-sharded cache XLA moves the whole new cache between chips, so the layers go one at a time."""
     TRACE_COUNTS["relayout"] += 1
     safe = jnp.maximum(rows, 0)
     keep = rows >= 0
 
-    def move(x, slot_axis):  # [B, ...S...] -> [B', ...length...]
-      x = jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x[safe], 0)
-      s = x.shape[slot_axis]
-      if length >= s:
-        pad = [(0, 0)] * x.ndim
-        pad[slot_axis] = (0, length - s)
-        return jnp.pad(x, pad)
-      return jax.lax.slice_in_dim(x, 0, length, axis=slot_axis)
+    def gather(x):  # [B, ...] -> [B', ...]
+      return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x[safe], 0)
 
-    k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
-    new_cache = _one_array_at_a_time(move, cache, k_slots, v_slots)
-    return self._constrain_state(new_cache, jnp.where(keep[:, None], last_hidden[safe], 0))
+    new_cache = _map_cache(lambda x, axis: _fit_slots(gather(x), axis, length), cache, self.cfg, in_sequence=True)
+    return self._constrain_state(new_cache, gather(last_hidden))
 
   def _relayout_local(self, cache, last_hidden, rows, *, length: int, shards: int):
     """`_relayout` where every new row comes from the same batch shard: with the batch split into `shards`
@@ -222,26 +216,14 @@ class Programs:
     keep = (rows >= 0).reshape(shards, b_new // shards)
     local = jnp.maximum(rows.reshape(shards, b_new // shards) - (jnp.arange(shards) * (b_old // shards))[:, None], 0)
 
-    def blocks(x):  # [B, ...] -> [shards, B / shards, ...], the block axis on the batch shards
-      y = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
-      return self._constrain(y, ("batch",) + (None,) * (y.ndim - 1))
-
-    def gather(x):  # [B, ...] -> [B', ...]
-      y = jax.vmap(lambda xs, i: xs[i])(blocks(x), local)
+    def gather(x):  # [B, ...] -> [shards, B / shards, ...] (the block axis on the batch shards) -> [B', ...]
+      blocks = self._constrain(x.reshape((shards, x.shape[0] // shards) + x.shape[1:]),
+                               ("batch",) + (None,) * x.ndim)
+      y = jax.vmap(lambda xs, i: xs[i])(blocks, local)
       y = jnp.where(keep.reshape(keep.shape + (1,) * (y.ndim - 2)), y, 0)
       return y.reshape((b_new,) + x.shape[1:])
 
-    def move(x, slot_axis):
-      x = gather(x)
-      s = x.shape[slot_axis]
-      if length >= s:
-        pad = [(0, 0)] * x.ndim
-        pad[slot_axis] = (0, length - s)
-        return jnp.pad(x, pad)
-      return jax.lax.slice_in_dim(x, 0, length, axis=slot_axis)
-
-    k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
-    new_cache = qwen2.KVCache(tuple(move(k, k_slots) for k in cache.k), tuple(move(v, v_slots) for v in cache.v))
+    new_cache = _map_cache(lambda x, axis: _fit_slots(gather(x), axis, length), cache, self.cfg)
     return self._constrain_state(new_cache, gather(last_hidden))
 
   def _grow(self, cache, last_hidden, *, length: int):
@@ -249,15 +231,8 @@ class Programs:
     batch-sharded cache each chip pads its own rows; a relayout by row indices (even the identity) would gather
     the whole cache onto every chip (docs/tpu.md)."""
     TRACE_COUNTS["grow"] += 1
-
-    def pad(x, slot_axis):
-      widths = [(0, 0)] * x.ndim
-      widths[slot_axis] = (0, length - x.shape[slot_axis])
-      return jnp.pad(x, widths)
-
-    k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
-    cache = qwen2.KVCache(tuple(pad(k, k_slots) for k in cache.k), tuple(pad(v, v_slots) for v in cache.v))
-    return self._constrain_state(cache, last_hidden)
+    return self._constrain_state(_map_cache(lambda x, axis: _fit_slots(x, axis, length), cache, self.cfg),
+                                 last_hidden)
 
   def _copy_rows(self, cache, last_hidden, src, dst, *, length: int):
     """Row dst[r] becomes a copy of row src[r] in place: its hidden state and cache slots 0 .. length - 1 (the
@@ -266,25 +241,36 @@ class Programs:
     crosses chips, and XLA gathers what it copies (a whole-cache copy all-gathers every layer's cache)."""
     TRACE_COUNTS["copy_rows"] += 1
     src = jnp.minimum(src, last_hidden.shape[0] - 1)
-    k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(self.cfg))
 
     def copy(x, slot_axis):
       prefix = [slice(None)] * (x.ndim - 1)
       prefix[slot_axis - 1] = slice(0, length)
       return x.at[(dst, *prefix)].set(x[(src, *prefix)], mode="drop")
 
-    cache = _one_array_at_a_time(copy, cache, k_slots, v_slots)
+    cache = _map_cache(copy, cache, self.cfg, in_sequence=True)
     return self._constrain_state(cache, last_hidden.at[dst].set(last_hidden[src], mode="drop"))
 
 
-def _one_array_at_a_time(fn, cache: qwen2.KVCache, k_slots: int, v_slots: int) -> qwen2.KVCache:
-  """fn(x, slot_axis) over the cache's arrays (every layer's k, then every layer's v), each call waiting on the
-  previous one's result (an optimization barrier). A row move on a batch-sharded cache gathers the moved rows onto
-  every chip; in sequence only one array's are held at a time (measured, the shared-prompt copy of 3B on v5p-8:
-  28.5 GiB of temporaries at once, 1.5 GiB in sequence)."""
+def _fit_slots(x, slot_axis: int, length: int):
+  """x with `length` slots on slot_axis: zero-padded past the old ones, or truncated."""
+  s = x.shape[slot_axis]
+  if length >= s:
+    widths = [(0, 0)] * x.ndim
+    widths[slot_axis] = (0, length - s)
+    return jnp.pad(x, widths)
+  return jax.lax.slice_in_dim(x, 0, length, axis=slot_axis)
+
+
+def _map_cache(fn, cache: qwen2.KVCache, cfg: qwen2.Qwen2Config, in_sequence: bool = False) -> qwen2.KVCache:
+  """fn(x, slot_axis) over the cache's arrays (every layer's k, then every layer's v).
+
+  in_sequence: each call waits on the previous one's result (an optimization barrier). A row move on a
+  batch-sharded cache gathers the moved rows onto every chip; in sequence only one array's are held at a time
+  (measured, the shared-prompt copy of 3B on v5p-8: 28.5 GiB of temporaries at once, 1.5 GiB in sequence)."""
+  k_slots, v_slots = (axes.index("length") for axes in qwen2.cache_axes(cfg))
   out, prev = [], None
   for x, slot_axis in [(k, k_slots) for k in cache.k] + [(v, v_slots) for v in cache.v]:
-    if prev is not None:
+    if in_sequence and prev is not None:
       prev, x = jax.lax.optimization_barrier((prev, x))
       out[-1] = prev
     prev = fn(x, slot_axis)

@@ -449,17 +449,11 @@ class Session:
     if batch != self._batch:
       shards = sharding.data_parallel_size(self.mesh) if self.mesh is not None else 1
       pos = _shard_local_positions(self._row[live], self._batch, batch, shards)
+      gather = np.full(batch, -1, np.int32)
       if pos is None:  # one device, or a shard whose live rows exceed its share: rows may change chips
-        self._gather_rows(self._row[live], batch, length)
-        pos = np.arange(len(live))
-      else:  # every live row stays on its chip
-        gather = np.full(batch, -1, np.int32)
-        gather[pos] = self._row[live]
-        self._cache, self._last_hidden = self._prog.relayout_local(self._cache, self._last_hidden, gather,
-                                                                   length=length, shards=shards)
-        self._batch, self._cache_len = batch, length
-        self.stats["relayouts"] += 1
-        self.stats["shard_local_relayouts"] += 1
+        pos, shards = np.arange(len(live)), 1
+      gather[pos] = self._row[live]
+      self._gather_rows(gather, batch, length, shards=shards)
       self._row[:] = -1
       self._row[live] = pos
     else:  # the same rows, a longer cache
@@ -467,12 +461,18 @@ class Session:
       self._cache_len = length
       self.stats["relayouts"] += 1
 
-  def _gather_rows(self, rows: np.ndarray, batch: int, length: int) -> None:
-    """A new device batch of `batch` rows x `length` slots whose row k is old row rows[k] (rows past len(rows)
-    empty). The caller renumbers self._row."""
+  def _gather_rows(self, rows: np.ndarray, batch: int, length: int, shards: int = 1) -> None:
+    """A new device batch of `batch` rows x `length` slots whose row k is old row rows[k] (-1, or k past
+    len(rows): empty). shards > 1: every row stays in its batch shard (engine.relayout_local: no row changes
+    chips). The caller renumbers self._row."""
     gather = np.full(batch, -1, np.int32)
     gather[:len(rows)] = rows
-    self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, gather, length=length)
+    if shards > 1:
+      self._cache, self._last_hidden = self._prog.relayout_local(self._cache, self._last_hidden, gather,
+                                                                 length=length, shards=shards)
+      self.stats["shard_local_relayouts"] += 1
+    else:
+      self._cache, self._last_hidden = self._prog.relayout(self._cache, self._last_hidden, gather, length=length)
     self._batch, self._cache_len = batch, length
     self.stats["relayouts"] += 1
 

@@ -331,16 +331,14 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
     # Only the prompt's slots are copied (at most protocol.max_start_length, bucketed as the session does).
     prefix = min(shapes.cache, sampling_options.bucket(int(config.protocol.max_start_length), s.cache_buckets,
                                                        s.min_cache, "sampling.cache_buckets"))
-    cache, hidden, cache_bytes = state(rows)
     out.append(Program(
         "rollout_copy_rows", prog.copy_rows, (cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32)),
         {"length": prefix}, flops=0.0, hbm_bytes=2 * cache_bytes * prefix / shapes.cache / chips,
         shapes=f"{rows} rows x {prefix} slots copied, cache {shapes.cache}"))
 
   # The cache grows by length buckets as sequences lengthen (each chip pads its own rows), and the live rows of a
-  # batch compact into a smaller batch bucket (sampling.compact; rows move between chips).
+  # batch compact into a smaller batch bucket (sampling.compact).
   half = max(shapes.cache // 2, 1)
-  cache, hidden, cache_bytes = state(rows)
   grow_cache, _, _ = state(rows, half)
   out.append(Program("rollout_grow", prog.grow, (grow_cache, hidden), {"length": shapes.cache}, flops=0.0,
                      hbm_bytes=1.5 * cache_bytes / chips, shapes=f"{rows} rows, cache {half} -> {shapes.cache}"))
