@@ -108,6 +108,50 @@ def test_shard_local_positions():
   assert positions(np.array([0, 3, 2]), 8, 4, 2) is None  # three rows of shard 0 for its 2 new places
 
 
+def test_shared_prompt_fanout_stays_on_each_shard_and_equals_single_device(setup):
+  """With shared prompts on the sharded cache (4 batch shards of 2 rows), a prompt is prefilled once per shard its
+  copies occupy, so the fan-out gathers inside each shard (engine.relayout_local); when a shard's prompts exceed its
+  share of the prefill batch, once, and the fan-out gathers across shards. Either way the session decodes what the
+  single-device one does."""
+  cfg, params, sharded, mesh, prompts = setup
+  for order, prefills, local in (
+      ([0, 0, 1, 1, 2, 2, 3, 3], 4, True),  # one prompt per shard
+      ([0, 0, 0, 1, 1, 1, 2, 2], 5, True),  # prompts 0 and 1 span two shards each: prefilled in both
+      ([0, 1, 2, 3] + [3] * 12, 4, False)):  # 16 rows: shard 0's 4 prompts + 3 more take 8 rows, 2 per shard
+    group = [prompts[q] for q in order]
+
+    def run(p, m):
+      sess = Session(p, cfg, group, max_len=60, temperature=1.0, seed=3, mesh=m, options=OPTS)
+      start = dict(sess.stats)
+      return sess, start, [sess.decode(6), sess.decode(4)]
+
+    ref_sess, ref_start, ref = run(params, None)
+    sess, start, got = run(sharded, mesh)
+    assert ref_start["shared_prefills"] == len(order) - len(set(order))
+    assert start["shared_prefills"] == len(order) - prefills and start["relayouts"] == 1
+    assert start["shard_local_relayouts"] == int(local)
+    for o1, o2 in zip(got, ref):
+      assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
+      for a, b in zip(o1.logprobs, o2.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_shard_local_sources():
+  sources = session_lib.shard_local_sources
+  pow2 = lambda k: 1 << max(k - 1, 0).bit_length()
+  source = np.repeat(np.arange(4) * 5, 5)  # 4 prompts x 5 copies in 4 blocks of 8 rows
+  # Prompt 5 spans blocks 0 and 1, prompt 15 blocks 1 and 2: each prefilled in both (6 prefills).
+  local, rows = sources(source, 32, lambda k: 16, 4)  # a prefill batch of 16: 4 rows per block
+  assert local.tolist() == [0] * 5 + [5] * 3 + [8] * 2 + [10] * 5 + [15] + [16] * 4
+  assert rows.tolist() == [0, 1, 4, 5, 6, 8]
+  assert sources(source, 32, pow2, 4) is None  # 6 prefills -> 8 rows, 2 per block; block 1 has 3 prompts
+  assert sources(source, 30, lambda k: 16, 4) is None  # blocks that do not split evenly
+  local, rows = sources(np.array([0, 1, 2, 3, 4, 5, 5, 5]), 8, pow2, 4)  # the copies of 5 in blocks 2 and 3
+  assert local.tolist() == [0, 1, 2, 3, 4, 5, 6, 6] and rows.tolist() == [0, 1, 2, 3, 4, 5, 6]
+  local, rows = sources(np.array([0, 0, 0, 1, 1, 1, 2, 2]), 8, pow2, 4)
+  assert local.tolist() == [0, 0, 2, 3, 4, 4, 6, 6] and rows.tolist() == [0, 2, 3, 4, 6]
+
+
 def test_session_decodes_from_its_gathered_compute_dtype_weights(setup):
   """sampling.gather_weights (default): the session runs on a copy of the float32 params in the bfloat16 compute
   dtype, gathered over fsdp (still split over tensor), and samples bit for bit what the training layout samples."""

@@ -142,9 +142,16 @@ class Session:
     if mesh is not None:
       self._min_batch = max(self._min_batch, sharding.data_parallel_size(mesh))
     self._cache_bucket(self.max_len)  # fail now, not mid-rollout, if max_len exceeds the cache buckets
-    # Identical prompts (the G samples of one question) are prefilled once; their cache rows are then copied.
+    # Identical prompts (the G samples of one question) are prefilled once; their cache rows are then copied. On a
+    # batch-sharded cache, once per batch shard they occupy (sequence i in row i), so no row crosses chips when
+    # each shard's prompts fit its share of the prefill batch (`shard_local_sources`).
     first_of: dict[tuple, int] = {}
     source = np.asarray([first_of.setdefault(tuple(p), i) for i, p in enumerate(prompts)])
+    shards, prefill_rows = sharding.data_parallel_size(mesh) if mesh is not None else 1, None
+    if self._opts.share_prompts and shards > 1:
+      local = shard_local_sources(source, self._batch_bucket(n), self._batch_bucket, shards)
+      if local is not None:
+        source, prefill_rows = local
     unique = np.flatnonzero(source == np.arange(n))
     shared = self._opts.share_prompts and len(unique) < n
     self._batch = self._batch_bucket(len(unique) if shared else n)
@@ -155,9 +162,9 @@ class Session:
                       shared_prefills=0)
     if shared:
       self._row[:] = -1
-      self._row[unique] = np.arange(len(unique))
+      self._row[unique] = np.arange(len(unique)) if prefill_rows is None else prefill_rows
       self._append({int(i): prompts[i] for i in unique}, policy=False)
-      self._copy_sequences(source)
+      self._copy_sequences(source, shards=1 if prefill_rows is None else shards)
     else:
       self._append(dict(enumerate(prompts)), policy=False)
 
@@ -476,10 +483,11 @@ class Session:
     self._batch, self._cache_len = batch, length
     self.stats["relayouts"] += 1
 
-  def _copy_sequences(self, source: np.ndarray) -> None:
-    """Sequence i becomes a copy of sequence source[i] (its tokens and cache row), in a batch of all sequences."""
+  def _copy_sequences(self, source: np.ndarray, shards: int = 1) -> None:
+    """Sequence i becomes a copy of sequence source[i] (its tokens and cache row) in row i of a batch of all
+    sequences; shards > 1: every source row is in its copies' batch shard (`shard_local_sources`)."""
     n = self.num_sequences
-    self._gather_rows(self._row[source], self._batch_bucket(n), self._cache_len)
+    self._gather_rows(self._row[source], self._batch_bucket(n), self._cache_len, shards=shards)
     self._row = np.arange(n)
     copies = np.flatnonzero(source != np.arange(n))
     for i in copies:
@@ -545,3 +553,26 @@ def _shard_local_positions(rows: np.ndarray, old_batch: int, new_batch: int, sha
       return None
     pos[mine] = k * per_new + np.argsort(np.argsort(np.asarray(rows)[mine], kind="stable"), kind="stable")
   return pos
+
+
+
+def shard_local_sources(source: np.ndarray, batch: int, prefill_batch, shards: int
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+  """Shared prompts on a batch-sharded cache: sequence i copies sequence source[i] (source[i] == i: prefilled) and
+  will sit in row i of a batch of `batch` rows split into `shards` equal blocks (one per data-parallel device). A
+  prompt whose copies span several blocks is prefilled once in each, so every copy reads a row of its own block.
+  prefill_batch(k): the batch bucket that k prefilled prompts take. Returns (the new source [n], the row of each
+  prefilled sequence in that batch [its count], in its block), or None when the batches do not split evenly or a
+  block has more prompts than its share of the prefill batch."""
+  if batch % shards:
+    return None
+  n = len(source)
+  block = np.arange(n) // (batch // shards)
+  first_of: dict[tuple[int, int], int] = {}
+  local = np.asarray([first_of.setdefault((int(source[i]), int(block[i])), i) for i in range(n)])
+  unique = np.flatnonzero(local == np.arange(n))
+  small = prefill_batch(len(unique))
+  if small % shards or np.bincount(block[unique], minlength=shards).max() > small // shards:
+    return None
+  rank = np.arange(len(unique)) - np.searchsorted(block[unique], block[unique])  # place within its block
+  return local, block[unique] * (small // shards) + rank

@@ -37,6 +37,7 @@ from searche1_jax.models import hf, qwen2
 from searche1_jax.rl import grpo_loss, ofsd_loss, ofsd_phase
 from searche1_jax.sampling import engine
 from searche1_jax.sampling import options as sampling_options
+from searche1_jax.sampling import session
 from searche1_jax.train import ofsd_runner, optim, steps
 from searche1_jax.train.state import TrainState
 
@@ -154,7 +155,8 @@ class RunShapes:
   """The largest shapes a run's programs see (rows, tokens), derived from the config as the trainer does.
 
   rollout_rows: the sampler batch bucket of one GRPO rollout wave (prompts_per_step x group_size, or the OFSD
-    phase's questions x ofsd.group_size when larger; at most rollout.decode_slots when set). eval_rows: the same
+    phase's questions x ofsd.group_size when larger; at most rollout.decode_slots when set); rollout_questions x
+    rollout_group: that wave's questions x samples per question. eval_rows: the same
     for rollout.eval.batch_size. cache: the physical
     KV-cache length at protocol.max_prompt_length. extend: the longest prefill / extend program (max_extend).
   learner_rows: rows of one GRPO update (mini_batch_prompts x group_size); logprob_rows: the whole rollout batch
@@ -163,6 +165,8 @@ class RunShapes:
   teacher_seq: a privileged teacher sequence (the student's plus a sibling's body: <= 2 x max_prompt_length).
   """
   rollout_rows: int
+  rollout_questions: int
+  rollout_group: int
   eval_rows: int
   cache: int
   extend: int
@@ -182,9 +186,10 @@ class RunShapes:
     dp = shd.data_parallel_size(mesh)
     slots = int(config.rollout.decode_slots)
     wave = lambda questions, group: questions * group if slots <= 0 else min(questions, slots // group) * group
-    rows = wave(int(t.prompts_per_step), g)
+    waves = [(int(t.prompts_per_step), g)]
     if bool(config.ofsd.enabled):
-      rows = max(rows, wave(int(config.ofsd.questions_per_phase), int(config.ofsd.group_size)))
+      waves.append((int(config.ofsd.questions_per_phase), int(config.ofsd.group_size)))
+    rows, questions, group = max((wave(q, group), wave(q, group) // group, group) for q, group in waves)
     batch = lambda n: sampling_options.bucket(n, s.batch_buckets, max(s.min_batch, dp), "sampling.batch_buckets")
     seq = _pow2(int(p.max_prompt_length))
     # Learner batches are padded to a multiple of micro-batches x data-parallel size, as the trainer pads them.
@@ -194,7 +199,7 @@ class RunShapes:
     ofsd_rows = up(config.ofsd.batch_size, ofsd_micro * dp)
     micro = ofsd_phase.data_parallel_rows(ofsd_rows // ofsd_micro, mesh)
     return cls(
-        rollout_rows=batch(rows), eval_rows=batch(wave(int(config.rollout.eval.batch_size), 1)),
+        rollout_rows=batch(rows), rollout_questions=questions, rollout_group=group, eval_rows=batch(wave(int(config.rollout.eval.batch_size), 1)),
         cache=sampling_options.bucket(int(p.max_prompt_length), s.cache_buckets, s.min_cache, "sampling.cache_buckets"),
         extend=sampling_options.bucket(min(s.max_extend, int(p.max_start_length)), s.length_buckets, s.min_length,
                                        "sampling.length_buckets"),
@@ -335,6 +340,28 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
         "rollout_copy_rows", prog.copy_rows, (cache, hidden, rowvec(rows, jnp.int32), rowvec(rows, jnp.int32)),
         {"length": prefix}, flops=0.0, hbm_bytes=2 * cache_bytes * prefix / shapes.cache / chips,
         shapes=f"{rows} rows x {prefix} slots copied, cache {shapes.cache}"))
+    # A session's start (the sync schedule's rollout wave): the shared prompts prefill in a batch of their own, then
+    # every sample's row gathers its prompt's row, at the first cache bucket (the longest prompt plus a decode
+    # chunk). Two forms (Session.__init__): each prompt prefilled once per batch shard its samples occupy, so every
+    # row gathers inside its shard (rollout_fanout_local, compiled when each shard's prompts fit its share of the
+    # prefill batch), or once, with rows gathered across chips (rollout_fanout).
+    group, dp = shapes.rollout_group, shd.data_parallel_size(mesh)
+    batch = lambda n: sampling_options.bucket(n, s.batch_buckets, max(s.min_batch, dp), "sampling.batch_buckets")
+    wave = np.repeat(np.arange(shapes.rollout_questions) * group, group)  # sequence i copies sequence wave[i]
+    if group > 1:
+      start = min(shapes.cache, sampling_options.bucket(int(config.protocol.max_start_length) + s.decode_chunk,
+                                                        s.cache_buckets, s.min_cache, "sampling.cache_buckets"))
+      forms = [("rollout_fanout", batch(shapes.rollout_questions), prog.relayout, {"length": start}, "")]
+      local = session.shard_local_sources(wave, rows, batch, dp) if dp > 1 else None
+      if local is not None:
+        forms.append(("rollout_fanout_local", batch(len(local[1])), prog.relayout_local,
+                      {"length": start, "shards": dp}, ", rows kept on their chip"))
+      index = _sds((rows,), jnp.int32, rep)
+      for name, prompts, fn, kwargs, note in forms:
+        small, small_hidden, small_bytes = state(prompts, start)
+        moved = small_bytes + cache_bytes * start / shapes.cache  # read the prompts' rows, write every row
+        out.append(Program(name, fn, (small, small_hidden, index), kwargs, flops=0.0, hbm_bytes=moved / chips,
+                           shapes=f"{prompts} -> {rows} rows, cache {start}{note}"))
 
   # The cache grows by length buckets as sequences lengthen (each chip pads its own rows), and the live rows of a
   # batch compact into a smaller batch bucket (sampling.compact).
@@ -476,7 +503,8 @@ def run_estimates(config, shapes: RunShapes, rows: Sequence[dict]) -> dict:
   grpo_step_s: updates per rollout batch (prompts_per_step / mini_batch_prompts x ppo_epochs) x grpo_step, plus
     one grpo_logprobs pass (old log-probs recomputed; skipped when old_logprobs='sampler').
   rollout_s: an upper bound: every wave of rollout rows (prompts_per_step x group_size / rollout rows) prefills
-    once (and copies the shared prompts' cache rows, rollout_copy_rows, when compiled) and runs max_turns + 1
+    once (and fans the shared prompts' cache rows out, rollout_fanout[_local], or copies them under the continuous
+    schedule, rollout_copy_rows, when compiled) and runs max_turns + 1
     turns, each to max_response_length tokens (decode chunks of rollout_decode) and each but the last followed by
     an extend (an observation).
   """
@@ -491,7 +519,13 @@ def run_estimates(config, shapes: RunShapes, rows: Sequence[dict]) -> dict:
     waves = -(-int(t.prompts_per_step) * g // shapes.rollout_rows)
     turns = int(p.max_turns) + 1
     chunks = -(-int(p.max_response_length) // shapes.decode_steps)
-    out["rollout_s"] = waves * (est["rollout_prefill"] + est.get("rollout_copy_rows", 0.0)
+    # The sync schedule starts a session per wave (the shared prompts fan out: the shard-local form where it was
+    # compiled); the continuous one admits prompts into freed rows (copied rows).
+    if config.rollout.schedule == "sync":
+      moves = est.get("rollout_fanout_local", est.get("rollout_fanout", 0.0))
+    else:
+      moves = est.get("rollout_copy_rows", 0.0)
+    out["rollout_s"] = waves * (est["rollout_prefill"] + moves
                                 + turns * chunks * est["rollout_decode"]
                                 + (turns - 1) * est["rollout_extend"])
   return out
