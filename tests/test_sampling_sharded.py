@@ -12,6 +12,15 @@ from test_sampling_util import tiny_cfg
 OPTS = SamplerOptions(decode_chunk=6, min_cache=32, min_length=8)
 
 
+def _assert_same_outputs(got, ref):
+  """Sharded decode outputs equal the single-device ones: tokens and stop reasons exactly, log-probs to 1e-5."""
+  assert len(got) == len(ref)
+  for o1, o2 in zip(got, ref):
+    assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
+    for a, b in zip(o1.logprobs, o2.logprobs):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def setup():
   if len(jax.devices()) < 8:
@@ -66,10 +75,7 @@ def test_sharded_session_multi_turn_equals_single_device(setup):
     batch_axes = {spec[0]} if isinstance(spec[0], str) else set(spec[0] or ())
     assert "fsdp" in batch_axes and batch_axes <= {"data", "fsdp"} and spec[1] == "tensor"
     assert spec[2] is None and spec[3] is None
-  for o1, o2 in zip(got, ref):
-    assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
-    for a, b in zip(o1.logprobs, o2.logprobs):
-      np.testing.assert_allclose(a, b, atol=1e-5)
+  _assert_same_outputs(got, ref)
 
 
 def test_compaction_keeps_rows_on_their_shard_and_equals_single_device(setup):
@@ -92,10 +98,7 @@ def test_compaction_keeps_rows_on_their_shard_and_equals_single_device(setup):
     assert sess.batch_size == ref_sess.batch_size == 4
     assert sorted(sess._row[sess.live].tolist()) == [0, 1, 2, 3]
     assert sess.stats["shard_local_relayouts"] == int(local) and ref_sess.stats["shard_local_relayouts"] == 0
-    for o1, o2 in zip(got, ref):
-      assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
-      for a, b in zip(o1.logprobs, o2.logprobs):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    _assert_same_outputs(got, ref)
 
 
 def test_shard_local_positions():
@@ -125,15 +128,12 @@ def test_shared_prompt_fanout_stays_on_each_shard_and_equals_single_device(setup
       start = dict(sess.stats)
       return sess, start, [sess.decode(6), sess.decode(4)]
 
-    ref_sess, ref_start, ref = run(params, None)
-    sess, start, got = run(sharded, mesh)
+    _, ref_start, ref = run(params, None)
+    _, start, got = run(sharded, mesh)
     assert ref_start["shared_prefills"] == len(order) - len(set(order))
     assert start["shared_prefills"] == len(order) - prefills and start["relayouts"] == 1
     assert start["shard_local_relayouts"] == int(local)
-    for o1, o2 in zip(got, ref):
-      assert o1.tokens == o2.tokens and o1.stop_reason == o2.stop_reason
-      for a, b in zip(o1.logprobs, o2.logprobs):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    _assert_same_outputs(got, ref)
 
 
 def test_shard_local_sources():

@@ -190,7 +190,7 @@ class RunShapes:
     if bool(config.ofsd.enabled):
       waves.append((int(config.ofsd.questions_per_phase), int(config.ofsd.group_size)))
     rows, questions, group = max((wave(q, group), wave(q, group) // group, group) for q, group in waves)
-    batch = lambda n: sampling_options.bucket(n, s.batch_buckets, max(s.min_batch, dp), "sampling.batch_buckets")
+    batch = functools.partial(_batch_bucket, s, dp)
     seq = _pow2(int(p.max_prompt_length))
     # Learner batches are padded to a multiple of micro-batches x data-parallel size, as the trainer pads them.
     grpo_multiple = int(config.grpo.num_microbatches) * dp
@@ -210,6 +210,11 @@ class RunShapes:
 
 
 # ----------------------------------------------------------------------------------------------- programs
+
+
+def _batch_bucket(s: sampling_options.SamplerOptions, dp: int, n: int) -> int:
+  """The sampler's batch bucket of n rows on a mesh with dp data-parallel devices (as Session buckets them)."""
+  return sampling_options.bucket(n, s.batch_buckets, max(s.min_batch, dp), "sampling.batch_buckets")
 
 
 @dataclasses.dataclass
@@ -317,6 +322,7 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
     return _sds(shape, dtype, shd.named_sharding(mesh, shape, ("batch",) + (None,) * len(more), rules))
 
   rep = shd.replicated(mesh)
+  dp = shd.data_parallel_size(mesh)
   rows = shapes.rollout_rows
   cache, hidden, cache_bytes = state(rows)
   tokens = rows * shapes.extend
@@ -345,8 +351,7 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
     # chunk). Two forms (Session.__init__): each prompt prefilled once per batch shard its samples occupy, so every
     # row gathers inside its shard (rollout_fanout_local, compiled when each shard's prompts fit its share of the
     # prefill batch), or once, with rows gathered across chips (rollout_fanout).
-    group, dp = shapes.rollout_group, shd.data_parallel_size(mesh)
-    batch = lambda n: sampling_options.bucket(n, s.batch_buckets, max(s.min_batch, dp), "sampling.batch_buckets")
+    group, batch = shapes.rollout_group, functools.partial(_batch_bucket, s, dp)
     wave = np.repeat(np.arange(shapes.rollout_questions) * group, group)  # sequence i copies sequence wave[i]
     if group > 1:
       start = min(shapes.cache, sampling_options.bucket(int(config.protocol.max_start_length) + s.decode_chunk,
@@ -369,7 +374,6 @@ def _sampler_programs(cfg, config, shapes: RunShapes, mesh, rules) -> list[Progr
   grow_cache, _, _ = state(rows, half)
   out.append(Program("rollout_grow", prog.grow, (grow_cache, hidden), {"length": shapes.cache}, flops=0.0,
                      hbm_bytes=1.5 * cache_bytes / chips, shapes=f"{rows} rows, cache {half} -> {shapes.cache}"))
-  dp = shd.data_parallel_size(mesh)
   if s.compact and rows // 2 >= dp:
     # Two forms (Session._layout): every live row stays on its chip when each shard's live rows fit its share of
     # the smaller batch (rollout_compact_local); else rows change chips (rollout_compact).
