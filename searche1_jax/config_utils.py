@@ -390,6 +390,11 @@ def _check_train(c: _Checker) -> None:
   p, m = c.get("train.prompts_per_step"), c.get("train.mini_batch_prompts")
   if isinstance(p, int) and isinstance(m, int) and m >= 1 and p % m:
     c.problems.append(f"train.mini_batch_prompts={m!r} must divide train.prompts_per_step={p!r}")
+  e = c.get("train.ppo_epochs")
+  if c.get("grpo.old_logprobs") == "current" and (p != m or e != 1):
+    c.problems.append(f"grpo.old_logprobs='current' takes the learner's own log-probs as the old policy's, which "
+                      f"holds for one update per rollout batch only: needs train.mini_batch_prompts == "
+                      f"train.prompts_per_step and train.ppo_epochs == 1 (got {m!r}, {p!r}, {e!r}); use 'recompute'")
   g, n = c.get("grpo.group_size"), c.get("grpo.num_microbatches")
   if isinstance(m, int) and isinstance(g, int) and isinstance(n, int) and n >= 1 and (m * g) % n:
     c.problems.append(f"grpo.num_microbatches={n!r} must divide the trajectories per update "

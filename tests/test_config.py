@@ -175,6 +175,7 @@ def _errors(config) -> list[str]:
     ({"sampling.temperature": 0.7}, "grpo.temperature=1.0 and sampling.temperature=0.7 must be equal"),
     ({"sampling.top_p": 0.0}, "sampling.top_p=0.0: must be > 0.0"),
     ({"grpo.tis_cap": 2.0, "grpo.old_logprobs": "sampler"}, "grpo.tis_cap=2.0: needs grpo.old_logprobs='recompute'"),
+    ({"grpo.old_logprobs": "current"}, "grpo.old_logprobs='current' takes the learner's own log-probs"),
     ({"grpo.tis_cap": 0.5}, "grpo.tis_cap=0.5: must be 0 (off) or >= 1"),
     ({"grpo.temperature": 0.7, "sampling.temperature": 0.7, "grpo.old_logprobs": "sampler"},
      "grpo.old_logprobs='sampler': compares sampler log-probs (recorded at temperature 1) with the learner's at "
@@ -215,6 +216,16 @@ def test_learner_temperature_below_one_is_fine_with_recomputed_old_logprobs():
   c = load("search_e1")
   cu.apply_overrides(c, {"grpo.temperature": 0.7, "sampling.temperature": 0.7})
   assert cu.validate_config(c) is c  # old_logprobs='recompute', tis_cap 0: both sides at grpo.temperature
+
+
+def test_current_old_logprobs_need_one_update_per_rollout_batch():
+  c = load("search_e1")
+  cu.apply_overrides(c, {"grpo.old_logprobs": "current", "train.mini_batch_prompts": 512, "train.ppo_epochs": 2})
+  assert any("(got 512, 512, 2)" in e for e in _errors(c)), _errors(c)  # several PPO epochs
+  cu.apply_overrides(c, {"train.ppo_epochs": 1})
+  assert cu.validate_config(c) is c  # one update per rollout batch, at any temperature
+  cu.apply_overrides(c, {"grpo.temperature": 0.7, "sampling.temperature": 0.7})
+  assert cu.validate_config(c) is c
 
 
 def test_demo_transcripts_must_script_the_retrievers_misses():

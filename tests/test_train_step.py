@@ -431,6 +431,27 @@ def test_truncated_importance_weights(model, tis_step):
   np.testing.assert_allclose(m["loss"], want, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_microbatches", [1, 2])
+def test_current_old_logprobs_equal_a_recompute_pass(model, tis_step, num_microbatches):
+  # One update per rollout batch: detaching the policy's own log-probs gives the recompute pass's update and
+  # metrics (sampler mismatch, truncated importance weights) from the same noisy sampler log-probs.
+  params, ref, batch, exact = model
+  assert np.abs(batch["old_logprobs"] - np.where(batch["loss_mask"] == 1, exact, 0.0)).max() > 0.1
+  cur = build(old_logprobs="current", tis_cap=2.0, num_microbatches=num_microbatches)
+  state = cur.init_state(params, ref)
+  prepared = cur.prepare_batch(state, batch)
+  assert "sampler_logprobs" not in prepared  # no pass: the batch goes to the step as it came
+  p_c, m_c = run_steps(cur, params, ref, batch)
+  rec = tis_step if num_microbatches == 1 else build(old_logprobs="recompute", tis_cap=2.0,
+                                                     num_microbatches=num_microbatches)
+  p_r, m_r = run_steps(rec, params, ref, batch)
+  for k in ("loss", "pg_loss", "kl_ref", "sampler_abs_diff", "sampler_k3", "tis_weight", "tis_capped_frac",
+            "clip_frac_low", "clip_frac_high", "approx_kl_old"):
+    np.testing.assert_allclose(m_c[0][k], m_r[0][k], rtol=1e-4, atol=1e-6, err_msg=k)
+  assert m_c[0]["sampler_abs_diff"] > 0.1 and m_c[0]["tis_capped_frac"] > 0  # the weights are exercised
+  assert rel_err(delta(p_c, params), delta(p_r, params)) < 1e-4
+
+
 def test_precomputed_reference_on_host_equals_in_step(model, base_result):
   params, ref, batch, _ = model
   p_in, m_in = base_result

@@ -33,9 +33,11 @@ def get() -> ml_collections.ConfigDict:
   # Old (behaviour-policy) log-probs.
   c.old_logprobs = "recompute"  # 'recompute': no-grad pass with the current params before the update (veRL /
   #                               Search-R1 do this); 'sampler': trust the sampler's log-probs as they are
-  #                               (recorded at temperature 1: 'sampler' and tis_cap > 0 need temperature 1)
+  #                               (recorded at temperature 1: 'sampler' and tis_cap > 0 need temperature 1);
+  #                               'current': the learner's own log-probs, detached (equal to 'recompute' with
+  #                               one update per rollout batch, without its pass; refused with several)
   c.tis_cap = 0.0  # truncated importance sampling: weight min(exp(recomputed - sampler), tis_cap) on the
-  #                  policy-gradient term; 0 = off; needs old_logprobs='recompute' (e.g. 2.0)
+  #                  policy-gradient term; 0 = off; needs old_logprobs 'recompute' or 'current' (e.g. 2.0)
   # Step execution.
   c.num_microbatches = 1  # gradient accumulation: the step batch runs as this many micro-batches (exact)
   c.logprob_chunk_size = 128  # time steps projected to the vocabulary at once in the chunked log-prob path

@@ -34,7 +34,7 @@ from searche1_jax.rl import grpo
 from searche1_jax.rl.logprobs import BATCH_FIELDS, LossFn, check_fields, shifted_logprobs
 
 
-OLD_LOGPROBS_MODES = ("sampler", "recompute")
+OLD_LOGPROBS_MODES = ("sampler", "recompute", "current")
 REF_MODES = ("in_step", "precompute")
 
 
@@ -81,16 +81,16 @@ class GRPOOptions:
       out.append(("dual_clip", "must be 0 (off) or > 1 (veRL's clip_ratio_c: 3)"))
     if 0 < v["tis_cap"] < 1:
       out.append(("tis_cap", "must be 0 (off) or >= 1"))
-    if v["tis_cap"] > 0 and v["old_logprobs"] != "recompute":
-      out.append(("tis_cap", f"needs grpo.old_logprobs='recompute' (the importance weight compares recomputed "
-                             f"and sampler log-probs), got {v['old_logprobs']!r}"))
+    if v["tis_cap"] > 0 and v["old_logprobs"] == "sampler":
+      out.append(("tis_cap", f"needs grpo.old_logprobs='recompute' or 'current' (the importance weight compares "
+                             f"the learner's and the sampler's log-probs), got {v['old_logprobs']!r}"))
     # The sampler records log-probs at temperature 1 (the model's own distribution); the learner scores at
     # grpo.temperature. A ratio or importance weight between the two is biased unless both are at 1.
     for field, uses_sampler in (("old_logprobs", v["old_logprobs"] == "sampler"), ("tis_cap", v["tis_cap"] > 0)):
       if uses_sampler and v["temperature"] != 1.0:
         out.append((field, f"compares sampler log-probs (recorded at temperature 1) with the learner's at "
                            f"grpo.temperature={v['temperature']!r}: needs temperature 1 (or "
-                           "old_logprobs='recompute' and tis_cap=0)"))
+                           "old_logprobs='recompute' / 'current' and tis_cap=0)"))
     if v["ref_on_host"] and v["ref_logprobs"] != "precompute":
       out.append(("ref_on_host", "needs grpo.ref_logprobs='precompute' (in-step reference params live on the "
                                  "device)"))
@@ -105,10 +105,12 @@ def grpo_loss_fn(cfg: qwen2.Qwen2Config, o: GRPOOptions) -> LossFn:
   """The GRPO loss_fn for make_train_step (batch format in the module docstring).
 
   Policy log-probs come from the chunked path; old log-probs from batch['old_logprobs'] (the sampler's, or the
-  recomputed ones after GRPOStep.prepare_batch); reference log-probs, when kl_coef > 0, from the in-step
-  reference params (under stop_gradient) or from batch['ref_logprobs'] (precomputed). With
-  batch['sampler_logprobs'] present (old_logprobs='recompute'), the sampler/trainer mismatch is logged and,
-  with tis_cap > 0, the policy-gradient term is weighted by min(exp(recomputed - sampler), tis_cap).
+  recomputed ones after GRPOStep.prepare_batch) or, with old_logprobs='current', the policy log-probs themselves
+  under stop_gradient (batch['old_logprobs'] then holds the sampler's); reference log-probs, when kl_coef > 0,
+  from the in-step reference params (under stop_gradient) or from batch['ref_logprobs'] (precomputed). With
+  sampler log-probs beside the learner's (old_logprobs 'recompute': batch['sampler_logprobs']; 'current'), the
+  sampler/trainer mismatch is logged and, with tis_cap > 0, the policy-gradient term is weighted by
+  min(exp(recomputed - sampler), tis_cap).
   Metrics: tokens, sequences, pg_loss, kl_ref, approx_kl_old, clip_frac_low/high, adv_mean (per policy token),
   ratio_min/max, entropy (if log_entropy), sampler_abs_diff = mean |sampler - recomputed|, sampler_k3 = mean of
   r - 1 - log r with r = p_recomputed / p_sampler (a k3 estimate of KL(sampler || trainer)), tis_weight and
@@ -123,7 +125,14 @@ def grpo_loss_fn(cfg: qwen2.Qwen2Config, o: GRPOOptions) -> LossFn:
     logp, entropy = out if o.log_entropy else (out, None)
     mask = batch["loss_mask"][:, 1:].astype(bool)
     m = mask.astype(jnp.float32)
-    old = batch["old_logprobs"][:, 1:].astype(jnp.float32)
+    if o.old_logprobs == "current":
+      # One update per rollout batch: the old policy is the current one, so its log-probs are these, detached
+      # (the same values a recompute pass would give, without the pass). The batch's are the sampler's.
+      old = jax.lax.stop_gradient(logp)
+      sampler_field = "old_logprobs"
+    else:
+      old = batch["old_logprobs"][:, 1:].astype(jnp.float32)
+      sampler_field = "sampler_logprobs"
 
     ref = None
     if o.uses_ref:
@@ -138,8 +147,8 @@ def grpo_loss_fn(cfg: qwen2.Qwen2Config, o: GRPOOptions) -> LossFn:
 
     extra = {}
     weights = None
-    if "sampler_logprobs" in batch:
-      sampler = batch["sampler_logprobs"][:, 1:].astype(jnp.float32)
+    if sampler_field in batch:
+      sampler = batch[sampler_field][:, 1:].astype(jnp.float32)
       d = jnp.where(mask, old - sampler, 0.0)  # log(p_recomputed / p_sampler) on policy tokens
       n = m.sum()
       extra["sampler_abs_diff"] = (jnp.sum(jnp.abs(d)), n)

@@ -505,7 +505,7 @@ def run_estimates(config, shapes: RunShapes, rows: Sequence[dict]) -> dict:
   est_step_s; None where a program they need was not compiled (--only) or did not fit.
 
   grpo_step_s: updates per rollout batch (prompts_per_step / mini_batch_prompts x ppo_epochs) x grpo_step, plus
-    one grpo_logprobs pass (old log-probs recomputed; skipped when old_logprobs='sampler').
+    one grpo_logprobs pass (old log-probs recomputed; none with old_logprobs 'sampler' or 'current').
   rollout_s: an upper bound: every wave of rollout rows (prompts_per_step x group_size / rollout rows) prefills
     once (and fans the shared prompts' cache rows out, rollout_fanout[_local], or copies them under the continuous
     schedule, rollout_copy_rows, when compiled) and runs max_turns + 1
@@ -515,7 +515,7 @@ def run_estimates(config, shapes: RunShapes, rows: Sequence[dict]) -> dict:
   est = {r["name"]: r["est_step_s"] for r in rows if r.get("fits") and "est_step_s" in r}
   t, p, g = config.train, config.protocol, int(config.grpo.group_size)
   out = {"grpo_step_s": None, "rollout_s": None}
-  if "grpo_step" in est and ("grpo_logprobs" in est or config.grpo.old_logprobs == "sampler"):
+  if "grpo_step" in est and ("grpo_logprobs" in est or config.grpo.old_logprobs != "recompute"):
     updates = max(1, int(t.prompts_per_step) // int(t.mini_batch_prompts)) * int(t.ppo_epochs)
     recompute = est.get("grpo_logprobs", 0.0) if config.grpo.old_logprobs == "recompute" else 0.0
     out["grpo_step_s"] = updates * est["grpo_step"] + recompute

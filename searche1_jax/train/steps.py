@@ -334,6 +334,8 @@ class GRPOStep:
   - old_logprobs='recompute': prepare_batch moves the sampler's log-probs to batch['sampler_logprobs'] and
     sets batch['old_logprobs'] to a no-grad pass with state.params. With several updates per rollout batch,
     recompute once for the whole rollout batch before the first update (the old policy is the sampler's).
+  - old_logprobs='current' (one update per rollout batch): no pass; the loss detaches its own policy log-probs
+    as the old ones and reads the sampler's from batch['old_logprobs'].
   - kl_coef > 0 and ref_logprobs='precompute': prepare_batch adds batch['ref_logprobs'] from ref_params (on
     the host when ref_on_host: put on the device only for that call). With ref_logprobs='in_step' the
     reference params live in the TrainState and the step scores them itself.
