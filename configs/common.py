@@ -45,6 +45,9 @@ def train_block() -> ml_collections.ConfigDict:
   c.eval_every_rounds = 1  # evaluate after every k-th round (0 = only after the last)
   c.eval_every_steps = 0  # also evaluate every k GRPO steps inside a round (0 = off)
   c.eval_after_grpo = False  # offline OFSD: also evaluate between the GRPO steps and the OFSD phase of each round
+  # Padded lengths of a GRPO learner batch (its longest trajectory picks the smallest that holds it; the largest
+  # must hold protocol.max_prompt_length). () = powers of two. Finer buckets pad less and compile more programs.
+  c.length_buckets = ()
   return c
 
 
@@ -94,7 +97,9 @@ RESUME_MAY_CHANGE = (
     # Learner memory layout (LEARNER): exact gradient accumulation, where the reference is scored and kept.
     "grpo.num_microbatches", "ofsd.num_microbatches", "grpo.ref_logprobs", "grpo.ref_on_host",
     # The sampler's weight layout (GATHER_WEIGHTS): bit-identical samples; the KV cache's key layout: float rounding.
-    "sampling.gather_weights", "model.kv_cache_layout")
+    "sampling.gather_weights", "model.kv_cache_layout",
+    # Padding of the learner's batches: masked positions, the same update to float rounding.
+    "train.length_buckets")
 
 
 def resume_block() -> ml_collections.ConfigDict:

@@ -159,11 +159,12 @@ def plot(summary: dict, path: str) -> str:
 
 def seed_config(base, seed: int, variant_overrides: dict):
   """The config of one (variant, seed) run: warm-start and loop seed `seed`, the seed's own warm-start directory,
-  then the variant's overrides."""
+  an evaluation after each round's GRPO steps as well (it measures the round's OFSD phase), then the variant's
+  overrides."""
   config = base.copy_and_resolve_references()
   ws_dir = os.path.join(config.demo.cache_dir, f"warm_start_seed{seed}")
   common.set_fields(config, {"seed": seed, "warm_start.seed": seed, "warm_start.out_dir": ws_dir,
-                             "model.hf_dir": ws_dir, **variant_overrides})
+                             "model.hf_dir": ws_dir, "train.eval_after_grpo": True, **variant_overrides})
   return config
 
 

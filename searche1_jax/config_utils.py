@@ -390,6 +390,14 @@ def _check_train(c: _Checker) -> None:
   p, m = c.get("train.prompts_per_step"), c.get("train.mini_batch_prompts")
   if isinstance(p, int) and isinstance(m, int) and m >= 1 and p % m:
     c.problems.append(f"train.mini_batch_prompts={m!r} must divide train.prompts_per_step={p!r}")
+  buckets, total = c.get("train.length_buckets", ()), c.get("protocol.max_prompt_length")
+  if (not isinstance(buckets, (tuple, list))
+      or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
+      or list(buckets) != sorted(set(buckets))):
+    c.fail("train.length_buckets", "must be () or increasing positive integers")
+  elif buckets and isinstance(total, int) and max(buckets) < total:
+    c.fail("train.length_buckets", f"the largest must hold a trajectory of protocol.max_prompt_length={total} "
+                                   "tokens")
   e = c.get("train.ppo_epochs")
   if c.get("grpo.old_logprobs") == "current" and (p != m or e != 1):
     c.problems.append(f"grpo.old_logprobs='current' takes the learner's own log-probs as the old policy's, which "

@@ -80,12 +80,13 @@ def test_summary_tables_and_plot(tmp_path):
 def test_variants_match_the_search_e1_schedule_in_compute():
   config = config_utils.load_config("configs/demo.py")
   v = demo_config.variants(config)
-  assert v["search_e1"] == {} and v["grpo_only"] == {"ofsd.enabled": False, "train.grpo_steps_per_round": 11}
-  assert v["on_policy"] == {"ofsd.mode": "on_policy", "train.grpo_steps_per_round": 4}
+  assert v["search_e1"] == {} and v["grpo_only"] == {"ofsd.enabled": False, "train.grpo_steps_per_round": 10}
+  assert v["on_policy"] == {"ofsd.mode": "on_policy", "ofsd.group_size": 8, "train.grpo_steps_per_round": 4}
   with pytest.raises(ValueError, match="only 'compute'"):
     demo_config.variants(config, "wall")
   seeded = compare.seed_config(config, 2, v["grpo_only"])
   assert seeded.seed == 2 and seeded.warm_start.seed == 2 and not seeded.ofsd.enabled
+  assert seeded.train.eval_after_grpo and not config.train.eval_after_grpo  # each OFSD phase is measured
   assert seeded.model.hf_dir == seeded.warm_start.out_dir == os.path.join(config.demo.cache_dir, "warm_start_seed2")
   assert config.seed == 0 and config.ofsd.enabled  # the base config is untouched
 

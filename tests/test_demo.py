@@ -253,15 +253,20 @@ def test_smoke_demo_end_to_end(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     rounds = json.load(f)["rounds"]
   assert rounds[0]["round"] == 0 and rounds[0]["phase"] == "init"
-  # train.eval_after_grpo: each round is evaluated after its GRPO steps and again after its OFSD phase.
+  # Each round is evaluated after its OFSD phase (with train.eval_after_grpo, also after its GRPO steps).
+  phases = ("grpo", "ofsd") if config.train.eval_after_grpo else ("ofsd",)
   assert [(r["round"], r["phase"]) for r in rounds[1:]] == [
-      (k, p) for k in range(1, config.train.num_rounds + 1) for p in ("grpo", "ofsd")]
+      (k, p) for k in range(1, config.train.num_rounds + 1) for p in phases]
   assert all(0.0 <= r["avg_em"] <= 1.0 for r in rounds)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   grpo_rows = [r for r in rows if r["phase"] == "grpo"]
   assert len(grpo_rows) == config.train.grpo_steps_per_round * config.train.num_rounds
   assert all({"step", "phase", "loss"} <= set(r) and np.isfinite(r["loss"]) for r in grpo_rows)
+  # Learner batches are padded to train.length_buckets (powers of two when empty).
+  buckets = tuple(config.train.length_buckets)
+  assert all(int(r["learner_length"]) in buckets if buckets else int(r["learner_length"]).bit_count() == 1
+             for r in grpo_rows), [r["learner_length"] for r in grpo_rows]
   # The OFSD phase ran: its buffer and end rows are logged every round (the smoke policy answers nothing
   # correctly, so it has no pairs and no student updates; tests/test_ofsd_phase.py covers phases with pairs).
   for phase in ("ofsd_buffer", "ofsd_end"):

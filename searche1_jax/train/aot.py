@@ -191,7 +191,7 @@ class RunShapes:
       waves.append((int(config.ofsd.questions_per_phase), int(config.ofsd.group_size)))
     rows, questions, group = max((wave(q, group), wave(q, group) // group, group) for q, group in waves)
     batch = functools.partial(_batch_bucket, s, dp)
-    seq = _pow2(int(p.max_prompt_length))
+    seq = trajectory_lib.bucket_length(int(p.max_prompt_length), tuple(t.length_buckets) or None)
     # Learner batches are padded to a multiple of micro-batches x data-parallel size, as the trainer pads them.
     grpo_multiple = int(config.grpo.num_microbatches) * dp
     up = lambda n, m: -(-int(n) // m) * m

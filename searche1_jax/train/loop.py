@@ -408,12 +408,13 @@ class Trainer:
     adv = np.asarray(grpo_math.group_advantages(jnp.asarray(rewards), self.group_size,
                                                 estimator=self.config.grpo.estimator,
                                                 eps=float(self.config.grpo.adv_eps)))
-    batch = trajectory_lib.to_batch(trajs, adv, pad_id=self.pad_id)
+    pad_to = tuple(t.length_buckets) or None
+    batch = trajectory_lib.to_batch(trajs, adv, pad_to=pad_to, pad_id=self.pad_id)
     rows = np.arange(len(trajs))
     if self.skip_zero_advantage:
       rows, extra = grpo_loss.learner_rows(adv, batch["loss_mask"], self.grpo.options.agg, multiple=self.batch_multiple)
       if len(rows) < len(trajs):  # rebuilt from the kept rows: their own (often shorter) length bucket
-        batch = trajectory_lib.to_batch([trajs[i] for i in rows], adv[rows], pad_id=self.pad_id)
+        batch = trajectory_lib.to_batch([trajs[i] for i in rows], adv[rows], pad_to=pad_to, pad_id=self.pad_id)
         batch["denominator_extra"] = extra
     if self.on_policy is not None:
       batch.update(ofsd_phase.on_policy_sd_fields(trajs, batch, self.tokenizer, self.on_policy,
@@ -442,6 +443,7 @@ class Trainer:
     out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[-1]}
     out.update(rollout_summary(trajs, res.stats))
     out["learner_rows"] = float(n)
+    out["learner_length"] = float(batch["tokens"].shape[1])  # the padded length (train.length_buckets)
     out["zero_std_groups"] = float(grpo_math.zero_std_group_fraction(jnp.asarray(rewards), self.group_size))
     out["time_learner_s"] = time.perf_counter() - t0
     self.last_trajs = trajs
