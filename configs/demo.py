@@ -186,10 +186,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 # launch/compare.py's variants: overrides on a demo config per --equal mode. Equal compute, from the demo's measured
-# costs with the compilation cache warm (docs/demo.md "Comparisons"; benchmarks/round.py): a GRPO step 4.3 s, a
-# 16-question OFSD phase 4.9 s (about one more GRPO step), an on-policy SD step 11.7 s (its learner runs the teacher
-# over every rollout and the student twice: a median 9.9 s of learner time against a GRPO step's 2.5 s).
-GRPO_STEP_S, OFSD_PHASE_S, ON_POLICY_STEP_S = 4.3, 4.9, 11.7
+# costs with the compilation cache warm (round 2 of `python -m benchmarks.round --rounds 2`, 2-core AMD EPYC,
+# 2026-12-08; docs/demo.md "Comparing variants over seeds"): a GRPO step 11.5 s, a 16-question OFSD phase 8.6 s, an
+# on-policy SD step 40.6 s (its learner scores the teacher over every rollout and takes all 128 rows: 35.3 s of
+# learner time against a GRPO step's 7.7 s; measured with --config.ofsd.mode=on_policy --config.ofsd.group_size=8).
+GRPO_STEP_S, OFSD_PHASE_S, ON_POLICY_STEP_S = 11.5, 8.6, 40.6
 
 
 def variants(config: ml_collections.ConfigDict, equal: str = "compute") -> dict[str, dict]:

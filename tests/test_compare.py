@@ -81,7 +81,7 @@ def test_variants_match_the_search_e1_schedule_in_compute():
   config = config_utils.load_config("configs/demo.py")
   v = demo_config.variants(config)
   assert v["search_e1"] == {} and v["grpo_only"] == {"ofsd.enabled": False, "train.grpo_steps_per_round": 12}
-  assert v["on_policy"] == {"ofsd.mode": "on_policy", "ofsd.group_size": 8, "train.grpo_steps_per_round": 4}
+  assert v["on_policy"] == {"ofsd.mode": "on_policy", "ofsd.group_size": 8, "train.grpo_steps_per_round": 3}
   with pytest.raises(ValueError, match="only 'compute'"):
     demo_config.variants(config, "wall")
   seeded = compare.seed_config(config, 2, v["grpo_only"])
