@@ -391,10 +391,11 @@ def _check_train(c: _Checker) -> None:
   if isinstance(p, int) and isinstance(m, int) and m >= 1 and p % m:
     c.problems.append(f"train.mini_batch_prompts={m!r} must divide train.prompts_per_step={p!r}")
   buckets, total = c.get("train.length_buckets", ()), c.get("protocol.max_prompt_length")
-  if (not isinstance(buckets, (tuple, list))
-      or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
-      or list(buckets) != sorted(set(buckets))):
-    c.fail("train.length_buckets", "must be () or increasing positive integers")
+  why = schema.field_problem(schema.Spec("ints", lo=1), buckets)
+  if why is None and list(buckets) != sorted(set(buckets)):
+    why = "must be increasing"
+  if why:
+    c.fail("train.length_buckets", why)
   elif buckets and isinstance(total, int) and max(buckets) < total:
     c.fail("train.length_buckets", f"the largest must hold a trajectory of protocol.max_prompt_length={total} "
                                    "tokens")

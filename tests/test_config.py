@@ -177,7 +177,8 @@ def _errors(config) -> list[str]:
     ({"grpo.tis_cap": 2.0, "grpo.old_logprobs": "sampler"}, "grpo.tis_cap=2.0: needs grpo.old_logprobs='recompute'"),
     ({"grpo.old_logprobs": "current"}, "grpo.old_logprobs='current' takes the learner's own log-probs"),
     ({"grpo.tis_cap": 0.5}, "grpo.tis_cap=0.5: must be 0 (off) or >= 1"),
-    ({"train.length_buckets": (512, 256, 4096)}, "train.length_buckets=(512, 256, 4096): must be () or increasing"),
+    ({"train.length_buckets": (512, 256, 4096)}, "train.length_buckets=(512, 256, 4096): must be increasing"),
+    ({"train.length_buckets": (0, 4096)}, "train.length_buckets=(0, 4096): entries must each be >= 1"),
     ({"train.length_buckets": (256, 384, 512)}, "train.length_buckets=(256, 384, 512): the largest must hold a "
      "trajectory of protocol.max_prompt_length=4096 tokens"),
     ({"grpo.temperature": 0.7, "sampling.temperature": 0.7, "grpo.old_logprobs": "sampler"},

@@ -233,6 +233,7 @@ class Trainer:
                                 and self.on_policy is None and jax.process_count() == 1
                                 and int(t.mini_batch_prompts) == int(t.prompts_per_step))
     self.batch_multiple = int(o.num_microbatches) * steps.batch_axes_size(self.mesh, self.rules)
+    self.length_buckets = tuple(t.length_buckets) or None  # learner batch lengths (None: powers of two)
     # 'precompute' reference mode: the frozen reference lives outside the train state (on the host if asked).
     self.ref_params = (self.grpo.place_ref_params(self.init_params)
                        if o.uses_ref and o.ref_logprobs == "precompute" else None)
@@ -408,7 +409,7 @@ class Trainer:
     adv = np.asarray(grpo_math.group_advantages(jnp.asarray(rewards), self.group_size,
                                                 estimator=self.config.grpo.estimator,
                                                 eps=float(self.config.grpo.adv_eps)))
-    pad_to = tuple(t.length_buckets) or None
+    pad_to = self.length_buckets
     batch = trajectory_lib.to_batch(trajs, adv, pad_to=pad_to, pad_id=self.pad_id)
     rows = np.arange(len(trajs))
     if self.skip_zero_advantage:
